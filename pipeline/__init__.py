@@ -1,0 +1,9 @@
+"""Commits containers' overlay layers into image archives that docker, podman, skopeo and umoci load.
+
+`luigi --module pipeline CommitImage ...` imports this package, so it registers the tasks; the plain core
+(every module but pipeline.tasks) never imports luigi.
+"""
+
+from pipeline.tasks import CommitImage, WriteImageArchive
+
+__all__ = ["CommitImage", "WriteImageArchive"]

@@ -1,0 +1,125 @@
+"""A commit of one container: resolving what the user asked for, then the config and archive it produces."""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from pipeline.archive import Member, write_image_archive
+from pipeline.atomic import atomic_path
+from pipeline.cache import LayerCache
+from pipeline.container import Storage, resolve_container
+from pipeline.errors import OutputError, PipelineError
+from pipeline.imageconfig import build_image_config, digest_of, encode_json
+from pipeline.layer import LayerRecord
+from pipeline.manifest import blob_name, build_manifest, build_repositories
+from pipeline.reference import Reference, build_reference_from_name, parse_reference
+
+
+@dataclass(frozen=True)
+class CommitPlan:
+    """What a commit request resolves to: one container, one image reference, one archive path."""
+
+    container_id: str
+    reference: Reference
+    output: Path
+
+
+def plan_commit(storage: Storage, id_text: str, image: str, output: str, output_dir: Path) -> CommitPlan:
+    """Resolve the user's id prefix, image reference and output path, refusing anything invalid up front."""
+    container_id = resolve_container(storage, id_text)
+    if image:
+        reference = parse_reference(image)
+    else:
+        reference = build_reference_from_name(storage.read_container(container_id).name, container_id)
+    path = Path(output) if output else default_output(output_dir, reference)
+    path = Path(os.path.abspath(path))
+    check_writable(path)
+    return CommitPlan(container_id, reference, path)
+
+
+def default_output(output_dir: Path, reference: Reference) -> Path:
+    """<output_dir>/<name with / as _>_<tag>.tar: one file per reference, never a nested path."""
+    return output_dir / f"{reference.name.replace('/', '_').replace(':', '_')}_{reference.tag}.tar"
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output whose directory cannot be created or written, before any layer is packed."""
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory; give --output a file path such as {path / 'image.tar'}")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: cannot write under {ancestor}; choose another --output or output_dir")
+
+
+def source_date_epoch() -> int | None:
+    """SOURCE_DATE_EPOCH (https://reproducible-builds.org/specs/source-date-epoch/) or None."""
+    text = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise PipelineError(f"SOURCE_DATE_EPOCH={text!r} is not a whole number of seconds; fix or unset it")
+    return int(text)
+
+
+def build_config_bytes(
+    storage: Storage, container_id: str, records: list[LayerRecord], epoch: int | None
+) -> bytes:
+    """The image config for container with these layers, as canonical JSON."""
+    container = storage.read_container(container_id)
+    config = build_image_config(
+        container,
+        storage.read_base_config(container),
+        [r.diff_id for r in records],
+        created=int(time.time()) if epoch is None else epoch,
+    )
+    return encode_json(config)
+
+
+def build_manifest_bytes(config: bytes, records: list[LayerRecord], reference: Reference) -> bytes:
+    return encode_json(build_manifest(digest_of(config), [r.diff_id for r in records], reference))
+
+
+def build_repositories_bytes(config: bytes, reference: Reference) -> bytes:
+    return encode_json(build_repositories(reference, digest_of(config)))
+
+
+def write_commit_archive(
+    dest: Path,
+    cache: LayerCache,
+    records: list[LayerRecord],
+    config: bytes,
+    manifest: bytes,
+    repositories: bytes,
+    *,
+    mtime: int,
+) -> int:
+    """Write the docker-archive: layers oldest first, config, manifest.json, repositories; return its size."""
+    members = []
+    for record in records:
+        if not cache.has_blob(record):
+            raise OutputError(
+                f"{cache.blob_path(record.diff_id)}: cached layer is missing or damaged; re-run to repack it"
+            )
+        members.append(Member(blob_name(record.diff_id), path=cache.blob_path(record.diff_id)))
+    members += [
+        Member(blob_name(digest_of(config)), data=config),
+        Member("manifest.json", data=manifest),
+        Member("repositories", data=repositories),
+    ]
+    with atomic_path(dest) as temp:
+        try:
+            return write_image_archive(temp, members, mtime=mtime)
+        except OSError as e:
+            raise OutputError(f"{dest}: cannot write the image archive ({e.strerror}); free space or fix"
+                              " permissions and re-run") from e
+
+
+def archive_mtime(config: bytes) -> int:
+    """The archive members' mtime: the image's creation time, so archives of one image are byte-identical."""
+    created = json.loads(config)["created"]
+    return int(datetime.fromisoformat(created).timestamp())

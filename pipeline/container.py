@@ -1,0 +1,87 @@
+"""What every engine reader answers about a container: its layers, oldest first, and its configuration."""
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.errors import ContainerNotFound
+
+# Engines name containers by hex ids (64 chars) and users type prefixes; names add [A-Za-z0-9_.-] (docker's rule).
+_ID_OR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One overlay layer: its id in the engine's storage and its layer_dir (a diff/ directory)."""
+
+    layer_id: str
+    layer_dir: Path
+
+
+@dataclass(frozen=True)
+class Container:
+    """A container as stored: lower (image) layers oldest first, then its own writable layer."""
+
+    container_id: str
+    name: str
+    created: str
+    running: bool
+    pid: int
+    image: str
+    lower_layers: tuple[Layer, ...]
+    layer: Layer
+    # The container's own settings in Docker image-config keys (Cmd, Env, ...), applied over the base image's.
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def short_id(self) -> str:
+        return self.container_id[:12]
+
+
+class Storage(Protocol):
+    """One engine's on-disk storage, read-only."""
+
+    engine: str
+    root: Path
+
+    def list_containers(self) -> list[str]:
+        """All container ids, sorted."""
+        ...
+
+    def read_container(self, container_id: str) -> Container:
+        """The container with exactly this id."""
+        ...
+
+    def read_base_config(self, container: Container) -> dict[str, Any] | None:
+        """The base image's Docker config JSON, or None when the storage does not record it."""
+        ...
+
+
+def check_id_text(text: str) -> None:
+    """Refuse ids that could address anything but a container (paths, traversal, NUL, empty)."""
+    if not _ID_OR_NAME.fullmatch(text) or ".." in text:
+        raise ContainerNotFound(
+            f"invalid container id {text!r}: give a container id, a unique prefix of one, or a container name"
+            " (letters, digits, '_', '.', '-')"
+        )
+
+
+def resolve_container(storage: Storage, text: str) -> str:
+    """The full id of the one container whose id starts with text or whose name is text."""
+    check_id_text(text)
+    ids = storage.list_containers()
+    if text in ids:
+        return text
+    matches = [i for i in ids if i.startswith(text)]
+    if not matches:
+        matches = [i for i in ids if storage.read_container(i).name.lstrip("/") == text]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        known = ", ".join(i[:12] for i in ids[:10]) or "none"
+        raise ContainerNotFound(
+            f"no container matches {text!r} in {storage.root} ({storage.engine}); known containers: {known}"
+        )
+    names = ", ".join(i[:16] for i in matches[:10])
+    raise ContainerNotFound(f"container id {text!r} is ambiguous: it matches {names}; type more of the id")

@@ -1,0 +1,200 @@
+"""The luigi shell: settings sections and the tasks of a commit, each a thin call into the plain core.
+
+Graph for one commit (every output written atomically):
+    PackImageLayer* ─┐
+    PackContainerLayer ┴─> WriteImageConfig ─> WriteManifest, WriteRepositories ─> WriteImageArchive <─ CommitImage
+"""
+
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import luigi
+
+from pipeline import commit as commits
+from pipeline.atomic import atomic_path, write_bytes_atomic
+from pipeline.cache import LayerCache
+from pipeline.container import Storage
+from pipeline.engines import open_storage
+from pipeline.layer import LayerRecord, encode_record, read_record
+from pipeline.reference import parse_reference
+
+
+class storage(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg section [storage]
+    engine: str = luigi.Parameter(default="rocker", description="container engine whose storage is read")
+    root: str = luigi.Parameter(default="/var/lib/rocker", description="root of the engine's storage")
+
+
+class commit(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg section [commit]
+    output_dir: str = luigi.Parameter(default="images", description="where archives go when --output is not given")
+    cache_dir: str = luigi.Parameter(default=".cache/pipeline", description="layer cache and per-commit files")
+
+
+class DurableTarget(luigi.LocalTarget):
+    """A LocalTarget whose temporary_path() also fsyncs and removes the temporary file on failure."""
+
+    @contextmanager
+    def temporary_path(self) -> Iterator[str]:  # type: ignore[override]
+        with atomic_path(Path(self.path)) as temp:
+            yield str(temp)
+
+
+class _LayerTask(luigi.Task):
+    """Packs one layer_dir into the cache; its target is the layer's record (diff_id, size)."""
+
+    layer_dir: str = luigi.Parameter()
+    cache_dir: str = luigi.Parameter()
+    clamp_mtime: int | None = luigi.OptionalIntParameter(default=None)
+
+    def run(self) -> None:
+        record = LayerCache(Path(self.cache_dir)).pack_layer(Path(self.layer_dir), clamp_mtime=self.clamp_mtime)
+        with self.output().temporary_path() as temp:
+            Path(temp).write_bytes(encode_record(record))
+
+    def complete(self) -> bool:
+        # The record alone is not enough: a blob deleted or truncated since must be packed again.
+        path = Path(self.output().path)
+        return path.exists() and LayerCache(Path(self.cache_dir)).has_blob(read_record(path))
+
+
+class PackImageLayer(_LayerTask):
+    """An immutable image layer, packed once per cache and reused by every commit that shares it."""
+
+    def output(self) -> DurableTarget:
+        key = _key(os.path.realpath(self.layer_dir), self.clamp_mtime)
+        return DurableTarget(os.path.join(self.cache_dir, "layers", f"{key}.json"))
+
+
+class _CommitTask(luigi.Task):
+    """Parameters shared by every task of one commit; all absolute, so task ids do not depend on the cwd."""
+
+    container_id: str = luigi.Parameter()
+    image: str = luigi.Parameter()
+    output_path: str = luigi.Parameter()
+    engine: str = luigi.Parameter()
+    storage_root: str = luigi.Parameter()
+    cache_dir: str = luigi.Parameter()
+    clamp_mtime: int | None = luigi.OptionalIntParameter(default=None)
+
+    def commit_dir(self) -> str:
+        key = _key(self.container_id, self.image, self.output_path, self.engine, self.storage_root, self.clamp_mtime)
+        return os.path.join(self.cache_dir, "commits", key)
+
+    def open_storage(self) -> Storage:
+        return open_storage(self.engine, Path(self.storage_root))
+
+    def layer_tasks(self) -> list[_LayerTask]:
+        container = self.open_storage().read_container(self.container_id)
+        tasks: list[_LayerTask] = [
+            PackImageLayer(layer_dir=str(layer.layer_dir), cache_dir=self.cache_dir, clamp_mtime=self.clamp_mtime)
+            for layer in container.lower_layers
+        ]
+        tasks.append(self.clone(PackContainerLayer, layer_dir=str(container.layer.layer_dir)))
+        return tasks
+
+    def layer_records(self) -> list[LayerRecord]:
+        return [read_record(Path(t.output().path)) for t in self.layer_tasks()]
+
+    def common(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name, _ in _CommitTask.get_params()}
+
+
+class PackContainerLayer(_LayerTask, _CommitTask):
+    """The container's own writable layer, packed once per commit."""
+
+    def output(self) -> DurableTarget:
+        return DurableTarget(os.path.join(self.commit_dir(), "layer.json"))
+
+
+class WriteImageConfig(_CommitTask):
+    def requires(self) -> list[_LayerTask]:
+        return self.layer_tasks()
+
+    def output(self) -> DurableTarget:
+        return DurableTarget(os.path.join(self.commit_dir(), "config.json"))
+
+    def run(self) -> None:
+        data = commits.build_config_bytes(self.open_storage(), self.container_id, self.layer_records(), self.clamp_mtime)
+        write_bytes_atomic(Path(self.output().path), data)
+
+
+class WriteManifest(_CommitTask):
+    def requires(self) -> WriteImageConfig:
+        return WriteImageConfig(**self.common())
+
+    def output(self) -> DurableTarget:
+        return DurableTarget(os.path.join(self.commit_dir(), "manifest.json"))
+
+    def run(self) -> None:
+        config = Path(self.input().path).read_bytes()
+        data = commits.build_manifest_bytes(config, self.layer_records(), parse_reference(self.image))
+        write_bytes_atomic(Path(self.output().path), data)
+
+
+class WriteRepositories(_CommitTask):
+    def requires(self) -> WriteImageConfig:
+        return WriteImageConfig(**self.common())
+
+    def output(self) -> DurableTarget:
+        return DurableTarget(os.path.join(self.commit_dir(), "repositories"))
+
+    def run(self) -> None:
+        config = Path(self.input().path).read_bytes()
+        write_bytes_atomic(Path(self.output().path), commits.build_repositories_bytes(config, parse_reference(self.image)))
+
+
+class WriteImageArchive(_CommitTask):
+    """The docker-archive at output_path."""
+
+    def requires(self) -> dict[str, luigi.Task]:
+        return {
+            "config": WriteImageConfig(**self.common()),
+            "manifest": WriteManifest(**self.common()),
+            "repositories": WriteRepositories(**self.common()),
+        }
+
+    def output(self) -> DurableTarget:
+        return DurableTarget(self.output_path)
+
+    def run(self) -> None:
+        inputs = {name: Path(target.path).read_bytes() for name, target in self.input().items()}
+        commits.write_commit_archive(
+            Path(self.output_path),
+            LayerCache(Path(self.cache_dir)),
+            self.layer_records(),
+            inputs["config"],
+            inputs["manifest"],
+            inputs["repositories"],
+            mtime=commits.archive_mtime(inputs["config"]),
+        )
+
+
+class CommitImage(luigi.WrapperTask):
+    """Entry point: `luigi --module pipeline CommitImage --id ID [--image NAME[:TAG]] [--output PATH]`."""
+
+    id: str = luigi.Parameter(description="container id, unique id prefix, or name")
+    image: str = luigi.Parameter(default="", description="NAME[:TAG] for RepoTags; default: the container's name")
+    output: str = luigi.Parameter(default="", description="archive path; default: under [commit] output_dir")
+
+    def requires(self) -> WriteImageArchive:
+        settings = commit()
+        engine, root = storage().engine, os.path.abspath(storage().root)
+        plan = commits.plan_commit(
+            open_storage(engine, Path(root)), self.id, self.image, self.output, Path(settings.output_dir)
+        )
+        return WriteImageArchive(
+            container_id=plan.container_id,
+            image=str(plan.reference),
+            output_path=str(plan.output),
+            engine=engine,
+            storage_root=root,
+            cache_dir=os.path.abspath(settings.cache_dir),
+            clamp_mtime=commits.source_date_epoch(),
+        )
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
