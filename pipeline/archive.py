@@ -41,7 +41,9 @@ def write_image_archive(dest: Path, members: list[Member], *, mtime: int) -> int
                 continue
             seen.add(member.name)
             size = member.path.stat().st_size if member.path else len(member.data)
-            _write_all(fd, tarheader.build_header(Header(member.name.encode(), tarheader.REGULAR, size=size, mtime=mtime)))
+            _write_all(
+                fd, tarheader.build_header(Header(member.name.encode(), tarheader.REGULAR, size=size, mtime=mtime))
+            )
             if member.path:
                 _copy_file(member.path, fd, size)
             else:

@@ -66,9 +66,7 @@ def source_date_epoch() -> int | None:
     return int(text)
 
 
-def build_config_bytes(
-    storage: Storage, container_id: str, records: list[LayerRecord], epoch: int | None
-) -> bytes:
+def build_config_bytes(storage: Storage, container_id: str, records: list[LayerRecord], epoch: int | None) -> bytes:
     """The image config for container with these layers, as canonical JSON."""
     container = storage.read_container(container_id)
     config = build_image_config(
@@ -115,8 +113,9 @@ def write_commit_archive(
         try:
             return write_image_archive(temp, members, mtime=mtime)
         except OSError as e:
-            raise OutputError(f"{dest}: cannot write the image archive ({e.strerror}); free space or fix"
-                              " permissions and re-run") from e
+            raise OutputError(
+                f"{dest}: cannot write the image archive ({e.strerror}); free space or fix permissions and re-run"
+            ) from e
 
 
 def archive_mtime(config: bytes) -> int:

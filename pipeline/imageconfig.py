@@ -74,8 +74,10 @@ def _build_history(container: Container, base: dict[str, Any], created: str) -> 
     # only when it pairs exactly with the lower layers, else describe each layer ourselves.
     base_history = base.get("history")
     history: list[dict[str, Any]]
-    if isinstance(base_history, list) and all(isinstance(h, dict) for h in base_history) and (
-        sum(1 for h in base_history if not h.get("empty_layer")) == len(container.lower_layers)
+    if (
+        isinstance(base_history, list)
+        and all(isinstance(h, dict) for h in base_history)
+        and (sum(1 for h in base_history if not h.get("empty_layer")) == len(container.lower_layers))
     ):
         history = [dict(h) for h in base_history]
     else:

@@ -14,7 +14,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pipeline import tarheader, whiteout
 from pipeline.errors import LayerError, SourceChanged
@@ -164,7 +164,7 @@ def _write_entry(
     st, xattrs = entry.st, entry.xattrs
     whiteout.check_supported(_describe_bytes(layer_dir, prefix + entry.name), xattrs)
     mtime = int(st.st_mtime) if clamp_mtime is None else min(int(st.st_mtime), clamp_mtime)
-    common = {"uid": st.st_uid, "gid": st.st_gid, "mtime": mtime}
+    common: dict[str, Any] = {"uid": st.st_uid, "gid": st.st_gid, "mtime": mtime}
     mode = st.st_mode
     if whiteout.is_whiteout(mode, st.st_rdev, xattrs):
         # moby writes whiteouts as empty 0600 files; owners and mtime are kept for reproducibility.
@@ -208,7 +208,7 @@ def _write_file(
     entry: _Entry,
     layer_dir: Path,
     xattrs: dict[str, bytes],
-    common: dict[str, int],
+    common: dict[str, Any],
 ) -> None:
     what = _describe(layer_dir, prefix + entry.name)
     fd = _open_at(dir_fd, entry.name, 0, layer_dir, prefix)
@@ -217,7 +217,11 @@ def _write_file(
         if (st.st_ino, st.st_dev) != (entry.st.st_ino, entry.st.st_dev):
             raise SourceChanged(f"{what}: replaced while the layer was packed")
         size = st.st_size
-        sink.write(tarheader.build_header(Header(entry.tar_name, tarheader.REGULAR, st.st_mode, size=size, xattrs=xattrs, **common)))
+        sink.write(
+            tarheader.build_header(
+                Header(entry.tar_name, tarheader.REGULAR, st.st_mode, size=size, xattrs=xattrs, **common)
+            )
+        )
         with open(fd, "rb", buffering=0, closefd=False) as f:
             if st.st_blocks * 512 < size:
                 _copy_sparse(sink, f, fd, size, what)

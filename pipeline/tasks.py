@@ -37,7 +37,7 @@ class DurableTarget(luigi.LocalTarget):
     """A LocalTarget whose temporary_path() also fsyncs and removes the temporary file on failure."""
 
     @contextmanager
-    def temporary_path(self) -> Iterator[str]:  # type: ignore[override]
+    def temporary_path(self) -> Iterator[str]:
         with atomic_path(Path(self.path)) as temp:
             yield str(temp)
 
@@ -117,7 +117,8 @@ class WriteImageConfig(_CommitTask):
         return DurableTarget(os.path.join(self.commit_dir(), "config.json"))
 
     def run(self) -> None:
-        data = commits.build_config_bytes(self.open_storage(), self.container_id, self.layer_records(), self.clamp_mtime)
+        records = self.layer_records()
+        data = commits.build_config_bytes(self.open_storage(), self.container_id, records, self.clamp_mtime)
         write_bytes_atomic(Path(self.output().path), data)
 
 
@@ -143,7 +144,8 @@ class WriteRepositories(_CommitTask):
 
     def run(self) -> None:
         config = Path(self.input().path).read_bytes()
-        write_bytes_atomic(Path(self.output().path), commits.build_repositories_bytes(config, parse_reference(self.image)))
+        data = commits.build_repositories_bytes(config, parse_reference(self.image))
+        write_bytes_atomic(Path(self.output().path), data)
 
 
 class WriteImageArchive(_CommitTask):
@@ -177,7 +179,11 @@ class CommitImage(luigi.WrapperTask):
 
     id: str = luigi.Parameter(description="container id, unique id prefix, or name")
     image: str = luigi.Parameter(default="", description="NAME[:TAG] for RepoTags; default: the container's name")
-    output: str = luigi.Parameter(default="", description="archive path; default: under [commit] output_dir")
+    # The flag must be --output, so this parameter shadows Task.output(); a WrapperTask never calls that, and
+    # other tasks require WriteImageArchive, never CommitImage.
+    output: str = luigi.Parameter(  # type: ignore[assignment]
+        default="", description="archive path; default: under [commit] output_dir"
+    )
 
     def requires(self) -> WriteImageArchive:
         settings = commit()
