@@ -119,20 +119,21 @@ class RockerStorage:
                     f"{path}: entry {item!r} is not '<layer-id>/diff' inside overlay2/; the container's"
                     " lower file is malformed or points outside the storage root"
                 )
-            layers.append(Layer(layer_id, self._layer_dir(container_id, layer_id)))
+            layers.append(Layer(layer_id, self._layer_dir(container_id, layer_id, listed_in=path)))
         return layers
 
-    def _layer_dir(self, container_id: str, layer_id: str) -> Path:
+    def _layer_dir(self, container_id: str, layer_id: str, listed_in: Path | None = None) -> Path:
         layer_dir = self._layers_root / layer_id / "diff"
+        source = f" (listed in {listed_in})" if listed_in else ""
         real = Path(os.path.realpath(layer_dir))
         if not real.is_relative_to(os.path.realpath(self._layers_root)):
             raise StorageError(
-                f"{layer_dir}: layer of container {container_id} resolves to {real}, outside the storage root;"
+                f"{layer_dir}: layer of container {container_id}{source} resolves to {real}, outside the storage root;"
                 " refusing to read it"
             )
         if not real.is_dir():
             raise StorageError(
-                f"{layer_dir}: layer {layer_id} of container {container_id} has no diff/ directory;"
+                f"{layer_dir}: layer {layer_id} of container {container_id}{source} has no diff/ directory;"
                 " the storage is incomplete"
             )
         return layer_dir
