@@ -74,7 +74,8 @@ class RockerStorage:
     merged: TreeView  # the container's merged view recorded while mounted (ground truth)
 
 
-def _is_image_xattr(name: str) -> bool:
+def is_image_xattr(name: str) -> bool:
+    """Whether an xattr belongs to the file system an image carries (security.capability, user.*)."""
     if name.startswith(_OVERLAY_XATTR_PREFIXES):
         return False
     return name == "security.capability" or name.startswith("user.")
@@ -106,7 +107,7 @@ def read_entry(path: bytes | Path) -> Entry:
     raw = os.fsencode(path)
     st = os.lstat(raw)
     kind = _kind(st.st_mode)
-    names = sorted(n for n in os.listxattr(raw, follow_symlinks=False) if _is_image_xattr(n))
+    names = sorted(n for n in os.listxattr(raw, follow_symlinks=False) if is_image_xattr(n))
     xattrs = tuple((n, os.getxattr(raw, n, follow_symlinks=False)) for n in names)
     return Entry(
         kind=kind,
