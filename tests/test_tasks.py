@@ -4,13 +4,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from pipeline.demo import build_sample_storage
-from tests.cli import commit_args, error_lines, run_luigi, tree_fingerprint
+from tests.cli import REPO, commit_args, error_lines, run_luigi, tree_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +186,17 @@ def test_failed_commit_leaves_no_partial_files(storage: tuple[Path, str], tmp_pa
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.rglob("*") if ".partial-" in p.name] == []
     assert tree_fingerprint(root) == before
+
+
+def test_demo_builds_storage_and_commits_a_loadable_archive(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.demo", str(tmp_path / "demo")], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    archive = tmp_path / "demo" / "images" / "demo-web_latest.tar"
+    assert f"image archive: {archive}" in result.stdout and "podman load -i" in result.stdout
+    assert _members(archive)[-2:] == ["manifest.json", "repositories"]
+    if shutil.which("skopeo"):
+        inspect = subprocess.run(["skopeo", "inspect", f"docker-archive:{archive}"], capture_output=True, text=True)
+        assert inspect.returncode == 0, inspect.stderr
+        assert len(json.loads(inspect.stdout)["Layers"]) == 2
