@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import tarheader
+from pipeline import failpoint, tarheader
 from pipeline.tarheader import Header
 
 
@@ -19,6 +19,15 @@ class Member:
     name: str
     path: Path | None = None
     data: bytes = b""
+
+
+def archive_size(members: list[Member]) -> int:
+    """The archive's size before it is written (headers, data, padding), to check free space first."""
+    names = {m.name for m in members}
+    directories = {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 1)}
+    sizes = {m.name: m.path.stat().st_size if m.path else len(m.data) for m in members}
+    # A pax header (1024 bytes) at most per member beyond its own block: names here are short and ASCII.
+    return (len(directories) + len(names)) * 1536 + sum(-(-s // 512) * 512 for s in sizes.values()) + 1024
 
 
 def write_image_archive(dest: Path, members: list[Member], *, mtime: int) -> int:
@@ -46,6 +55,7 @@ def write_image_archive(dest: Path, members: list[Member], *, mtime: int) -> int
             )
             if member.path:
                 _copy_file(member.path, fd, size)
+                failpoint.reached("archive:blob-copied")
             else:
                 _write_all(fd, member.data)
             _write_all(fd, tarheader.padding(size))

@@ -1,35 +1,58 @@
 """Atomic, durable file writes: a temporary sibling, flushed and fsync'd, then renamed over the target."""
 
 import errno
+import logging
 import os
+import re
 import secrets
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline import failpoint
 from pipeline.errors import OutputError
 
-# Temporary files carry this marker and the writer's pid, so a later run can tell abandoned ones from live ones.
-PARTIAL_MARKER = ".partial-"
+log = logging.getLogger(__name__)
+
+# Temporary names carry the writer's host and pid, so a later run can tell abandoned ones from live ones.
+_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "host"
+_PARTIAL = re.compile(r"^\..*\.partial-(?P<host>[A-Za-z0-9_.-]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+# A partial file from another host is only presumed abandoned after this long.
+_FOREIGN_PARTIAL_AGE = 24 * 3600
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def partial_path(final: Path) -> Path:
     """A fresh temporary path in final's directory (same filesystem, so the rename is atomic)."""
-    return final.with_name(f".{final.name}{PARTIAL_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+    return final.with_name(f".{final.name}.partial-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def is_partial(path: Path) -> bool:
+    return _PARTIAL.match(path.name) is not None
 
 
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it becomes final durably, on any error it is removed."""
     make_dirs(final.parent)
+    remove_abandoned_partials(final.parent)
     temp = partial_path(final)
     try:
         yield temp
         fsync_file(temp)
+        failpoint.reached("atomic:before-rename")
         os.replace(temp, final)
+    except OSError as e:
+        temp.unlink(missing_ok=True)
+        if e.errno in _NO_SPACE:
+            raise no_space_error(final, e) from e
+        raise
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    failpoint.reached("atomic:after-rename")
     fsync_dir(final.parent)
 
 
@@ -38,6 +61,54 @@ def write_bytes_atomic(final: Path, data: bytes) -> None:
     with atomic_path(final) as temp:
         with open(temp, "wb") as f:
             f.write(data)
+
+
+def remove_abandoned_partials(directory: Path) -> list[Path]:
+    """Delete temporary files whose writer is gone (killed runs), so they never pile up."""
+    removed: list[Path] = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        match = _PARTIAL.match(name)
+        if not match:
+            continue
+        path = directory / name
+        if match["host"] == _HOST:
+            abandoned = not _pid_alive(int(match["pid"]))
+        else:
+            try:
+                abandoned = time.time() - path.stat().st_mtime > _FOREIGN_PARTIAL_AGE
+            except FileNotFoundError:
+                continue
+        if abandoned:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d temporary file(s) left by killed runs in %s", len(removed), directory)
+    return removed
+
+
+def no_space_error(path: Path, error: OSError, needed: int | None = None) -> OutputError:
+    """The error for a full filesystem: where, how much was needed (when known) and how much is free."""
+    try:
+        st = os.statvfs(path.parent)
+        free = f"{st.f_bavail * st.f_frsize} bytes free"
+    except OSError:
+        free = "free space unknown"
+    need = f"needs about {needed} bytes, " if needed is not None else ""
+    return OutputError(f"{path}: no space left on device ({need}{free}); free space or choose another location")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def make_dirs(path: Path) -> None:

@@ -1,12 +1,20 @@
 """The layer cache: content-addressed blobs (blobs/sha256/<hex>) shared by every commit that uses a cache_dir."""
 
 import errno
+import fcntl
+import hashlib
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.atomic import atomic_path, fsync_dir, make_dirs, partial_path
-from pipeline.errors import OutputError
+from pipeline import failpoint
+from pipeline.atomic import fsync_dir, make_dirs, no_space_error, partial_path, remove_abandoned_partials
+from pipeline.errors import SourceChanged
 from pipeline.layer import LayerRecord, write_layer
+
+log = logging.getLogger(__name__)
 
 _BUFFER = 1 << 20
 
@@ -21,40 +29,87 @@ class LayerCache:
         algorithm, _, hex_digest = digest.partition(":")
         return self.root / "blobs" / algorithm / hex_digest
 
-    def has_blob(self, record: LayerRecord) -> bool:
-        """Whether the blob is present with the recorded size (a cheap check run on every reuse)."""
+    def has_blob(self, record: LayerRecord, *, recorded_ns: int | None = None) -> bool:
+        """Whether the blob is intact: the recorded size, and the recorded digest if it changed since recorded_ns
+        (None: size only, for callers that just verified it).
+
+        Any write to a file moves its ctime past the moment its record was written, so an unchanged ctime means
+        unchanged bytes; only a blob touched since (truncated, altered or re-packed by another worker) is hashed.
+        """
+        path = self.blob_path(record.diff_id)
         try:
-            return self.blob_path(record.diff_id).stat().st_size == record.size
+            st = path.stat()
         except FileNotFoundError:
             return False
+        if st.st_size != record.size:
+            log.warning("cached blob %s has %d bytes, %d recorded; packing it again", path, st.st_size, record.size)
+            return False
+        if recorded_ns is None or st.st_ctime_ns <= recorded_ns:
+            return True
+        with open(path, "rb") as f:
+            intact = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == record.diff_id
+        if not intact:
+            log.warning("cached blob %s does not match its digest; packing it again", path)
+        return intact
+
+    @contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Exclusive across processes (flock), so two workers never pack the same layer at the same moment."""
+        lock_dir = self.root / "locks"
+        make_dirs(lock_dir)
+        fd = os.open(lock_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def pack_layer(self, layer_dir: Path, *, clamp_mtime: int | None = None) -> LayerRecord:
-        """Pack layer_dir into the cache and return its record; identical content lands on the same blob."""
+        """Pack layer_dir into the cache and return its record; a file changing meanwhile gets one retry."""
+        try:
+            return self._pack_once(layer_dir, clamp_mtime)
+        except SourceChanged as e:
+            log.warning("%s; packing the layer again", e)
+        try:
+            return self._pack_once(layer_dir, clamp_mtime)
+        except SourceChanged as e:
+            raise SourceChanged(f"{e} (twice); pause the container or stop writes to it, then re-run") from e
+
+    def _pack_once(self, layer_dir: Path, clamp_mtime: int | None) -> LayerRecord:
         blob_dir = self.root / "blobs" / "sha256"
         make_dirs(blob_dir)
+        remove_abandoned_partials(blob_dir)
         temp = partial_path(blob_dir / "layer")
         try:
             with open(temp, "wb", buffering=_BUFFER) as f:
+                failpoint.reached("pack:started")
                 record = write_layer(layer_dir, f, clamp_mtime=clamp_mtime)
                 f.flush()
                 os.fsync(f.fileno())
+            failpoint.reached("pack:before-rename")
             # Same name, same content: replacing an existing blob changes nothing a reader could see.
             os.replace(temp, self.blob_path(record.diff_id))
         except OSError as e:
             temp.unlink(missing_ok=True)
-            if e.errno == errno.ENOSPC:
-                raise OutputError(f"{blob_dir}: no space left while packing {layer_dir}; free space and re-run") from e
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise no_space_error(blob_dir / "layer", e, needed=_estimate_size(layer_dir)) from e
             raise
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
         fsync_dir(blob_dir)
+        failpoint.reached("pack:after-rename")
         return record
 
-    def write_blob(self, data: bytes, digest: str) -> Path:
-        """Store a small blob (an image config) under its digest."""
-        path = self.blob_path(digest)
-        if not path.exists():
-            with atomic_path(path) as temp:
-                temp.write_bytes(data)
-        return path
+
+def _estimate_size(layer_dir: Path) -> int:
+    """The tar size of layer_dir, roughly: data rounded to blocks plus a header per entry."""
+    total = 1024
+    for dirpath, dirnames, filenames in os.walk(layer_dir):
+        for name in dirnames + filenames:
+            try:
+                size = os.lstat(os.path.join(dirpath, name)).st_size if name in filenames else 0
+            except OSError:
+                size = 0
+            total += 512 + -(-size // 512) * 512
+    return total

@@ -15,6 +15,7 @@ from typing import Any
 import luigi
 
 from pipeline import commit as commits
+from pipeline import failpoint
 from pipeline.atomic import atomic_path, write_bytes_atomic
 from pipeline.cache import LayerCache
 from pipeline.container import Storage
@@ -50,14 +51,23 @@ class _LayerTask(luigi.Task):
     clamp_mtime: int | None = luigi.OptionalIntParameter(default=None)
 
     def run(self) -> None:
-        record = LayerCache(Path(self.cache_dir)).pack_layer(Path(self.layer_dir), clamp_mtime=self.clamp_mtime)
-        with self.output().temporary_path() as temp:
-            Path(temp).write_bytes(encode_record(record))
+        cache = LayerCache(Path(self.cache_dir))
+        with cache.lock(_key(self.output().path)):
+            if self.complete():  # another process packed it while this one waited for the lock
+                return
+            record = cache.pack_layer(Path(self.layer_dir), clamp_mtime=self.clamp_mtime)
+            with self.output().temporary_path() as temp:
+                Path(temp).write_bytes(encode_record(record))
+        failpoint.reached("task:layer-done")
 
     def complete(self) -> bool:
-        # The record alone is not enough: a blob deleted or truncated since must be packed again.
+        # The record alone is not enough: a blob deleted, truncated or altered since must be packed again.
         path = Path(self.output().path)
-        return path.exists() and LayerCache(Path(self.cache_dir)).has_blob(read_record(path))
+        try:
+            recorded_ns = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return False
+        return LayerCache(Path(self.cache_dir)).has_blob(read_record(path), recorded_ns=recorded_ns)
 
 
 class PackImageLayer(_LayerTask):
