@@ -99,6 +99,7 @@ class LayerCache:
             raise
         fsync_dir(blob_dir)
         failpoint.reached("pack:after-rename")
+        log.info("packed %s into %s (%d bytes)", layer_dir, record.diff_id, record.size)
         return record
 
 

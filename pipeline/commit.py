@@ -1,5 +1,6 @@
 """A commit of one container: resolving what the user asked for, then the config and archive it produces."""
 
+import errno
 import json
 import os
 import time
@@ -7,8 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from pipeline.archive import Member, write_image_archive
-from pipeline.atomic import atomic_path
+from pipeline.archive import Member, archive_size, write_image_archive
+from pipeline.atomic import atomic_path, make_dirs, no_space_error
 from pipeline.cache import LayerCache
 from pipeline.container import Storage, resolve_container
 from pipeline.errors import OutputError, PipelineError
@@ -109,13 +110,27 @@ def write_commit_archive(
         Member("manifest.json", data=manifest),
         Member("repositories", data=repositories),
     ]
+    needed = archive_size(members)
+    check_free_space(dest, needed)
     with atomic_path(dest) as temp:
         try:
             return write_image_archive(temp, members, mtime=mtime)
         except OSError as e:
-            raise OutputError(
-                f"{dest}: cannot write the image archive ({e.strerror}); free space or fix permissions and re-run"
-            ) from e
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise no_space_error(dest, e, needed) from e
+            raise OutputError(f"{dest}: cannot write the image archive ({e.strerror}); fix and re-run") from e
+
+
+def check_free_space(dest: Path, needed: int) -> None:
+    """Refuse before writing when dest's filesystem cannot hold needed bytes."""
+    make_dirs(dest.parent)
+    st = os.statvfs(dest.parent)
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise OutputError(
+            f"{dest}: not enough space for the image archive (needs {needed} bytes, {free} free);"
+            " free space or choose another --output"
+        )
 
 
 def archive_mtime(config: bytes) -> int:
