@@ -1,0 +1,369 @@
+"""Pauses a running container through its cgroup freezer while its layer is packed, as `docker commit` does.
+
+Kernel interfaces: https://docs.kernel.org/admin-guide/cgroup-v1/freezer-subsystem.html (v1 freezer.state) and
+https://docs.kernel.org/admin-guide/cgroup-v2.html#core-interface-files (v2 cgroup.freeze, cgroup.events).
+"""
+
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipeline.atomic import write_bytes_atomic
+from pipeline.errors import StorageError
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+FREEZE_TIMEOUT = 10.0  # seconds; a healthy cgroup freezes in milliseconds
+_POLL_INTERVAL = 0.01  # runc polls the freezer state at the same rate
+MARKER_SUFFIX = ".freeze.json"
+_PROC = Path("/proc")
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# mountinfo escapes space, tab, newline and backslash in paths as \ooo (proc(5)).
+_MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+@dataclass(frozen=True)
+class Freezer:
+    """The freezer of one cgroup (v1 freezer.state or v2 cgroup.freeze)."""
+
+    path: Path  # the cgroup directory
+    version: int  # 1 or 2
+
+    def __post_init__(self) -> None:
+        if self.version not in (1, 2):
+            raise ValueError(f"cgroup version must be 1 or 2, not {self.version!r}")
+
+    def freeze(self, timeout: float = FREEZE_TIMEOUT) -> None:
+        """Freeze every process of the cgroup and return only once the kernel reports them all frozen."""
+        deadline = time.monotonic() + timeout
+        try:
+            if self.version == 2:
+                _write_control(self.path / "cgroup.freeze", "1")
+            while True:
+                if self.version == 1:
+                    # v1 reads FREEZING while some task has not stopped yet; writing FROZEN again retries those
+                    # tasks (runc's freezer loop does the same).
+                    _write_control(self.path / "freezer.state", "FROZEN")
+                if self._reads_frozen():
+                    return
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(_POLL_INTERVAL)
+        except OSError as e:
+            self.thaw()
+            raise StorageError(
+                f"{self.path}: cannot freeze the cgroup ({e.strerror}); check that it still exists and is writable"
+            ) from e
+        # Never leave a container half-frozen: the tasks that did stop would stay stopped with nobody to wake them.
+        self.thaw()
+        raise StorageError(
+            f"{self.path}: the cgroup's processes did not all freeze within {timeout:g} s (a process stuck in"
+            " uninterruptible I/O holds the freezer up); retry once the container is idle"
+        )
+
+    def thaw(self) -> None:
+        """Let the cgroup's processes run again; a cgroup that no longer exists has nothing left to thaw."""
+        control, value = ("freezer.state", "THAWED") if self.version == 1 else ("cgroup.freeze", "0")
+        try:
+            _write_control(self.path / control, value)
+        except FileNotFoundError as e:
+            if self.path.is_dir():
+                raise StorageError(
+                    f"{self.path}: no {control} in this cgroup; it is not a cgroup v{self.version}"
+                ) from e
+            log.debug("%s: cgroup is gone, nothing to thaw", self.path)
+        except OSError as e:
+            raise StorageError(
+                f"{self.path}: cannot thaw the cgroup ({e.strerror}); its processes stay paused until"
+                f" `echo {value} > {self.path / control}` is run as root"
+            ) from e
+
+    def is_frozen(self) -> bool:
+        """Whether every process of the cgroup is frozen (False for a cgroup that no longer exists)."""
+        try:
+            return self._reads_frozen()
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise StorageError(f"{self.path}: cannot read the cgroup's freezer state ({e.strerror})") from e
+
+    def _reads_frozen(self) -> bool:
+        if self.version == 1:
+            # FREEZING (a freeze still in progress) counts as not frozen.
+            return (self.path / "freezer.state").read_text().strip() == "FROZEN"
+        return "frozen 1" in (self.path / "cgroup.events").read_text().splitlines()
+
+
+def find_freezer(pid: int, *, cgroup_root: Path = Path("/sys/fs/cgroup")) -> Freezer | None:
+    """The freezer of pid's cgroup, or None when pid is gone, no freezer is mounted or its cgroup must not freeze.
+
+    A v1 freezer cgroup is preferred over the v2 one: on hybrid hosts it is the one the container runtime
+    manages. Mount points come from /proc/self/mountinfo; cgroup_root's conventional layout (freezer/, unified/
+    or cgroup2 at cgroup_root itself) is only consulted when mountinfo lists no mount of that version.
+    """
+    if pid <= 0:
+        return None
+    try:
+        memberships = _read_memberships(_PROC / str(pid) / "cgroup")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    own = _read_memberships(_PROC / "self" / "cgroup")
+    mounts = _read_cgroup_mounts(_PROC / "self" / "mountinfo")
+    for version in (1, 2):
+        cgroup = memberships.get(version)
+        if cgroup is None or cgroup == "/":
+            # The root cgroup holds every process not placed elsewhere: freezing it would stop the whole machine.
+            continue
+        if _is_within(own.get(version), cgroup):
+            # Freezing a cgroup that holds this process would stop the commit itself, and with it the thaw.
+            log.debug("pid %d: its v%d cgroup %s also holds this process; not freezing it", pid, version, cgroup)
+            continue
+        candidates = [m for m in mounts if m.version == version] or _conventional_mounts(version, cgroup_root)
+        control = "freezer.state" if version == 1 else "cgroup.freeze"
+        for mount in candidates:
+            relative = _relative_to(cgroup, mount.root)
+            if relative is not None and (mount.point / relative / control).is_file():
+                return Freezer(mount.point / relative, version)
+    return None
+
+
+@contextmanager
+def paused(pid: int, marker_dir: Path, *, label: str) -> Iterator[Freezer | None]:
+    """Keep the container's processes frozen for the duration of the block; yield None if it cannot be frozen.
+
+    The marker is written before freezing, so a commit killed while the container is frozen leaves what
+    thaw_abandoned needs to thaw it; it is removed only once the thaw succeeded.
+    """
+    freezer = find_freezer(pid)
+    if freezer is None:
+        log.warning(
+            "container %s (pid %d): no freezable cgroup (the process is gone, sits in a root cgroup or shares this"
+            " process's cgroup); the commit proceeds unpaused, so files written meanwhile may be packed half-written",
+            label,
+            pid,
+        )
+        yield None
+        return
+    marker = _write_marker(marker_dir, freezer, pid, label)
+    try:
+        try:
+            freezer.freeze()
+        except StorageError as e:
+            raise StorageError(f"container {label}: {e}") from e
+        log.debug("container %s: froze %s (cgroup v%d)", label, freezer.path, freezer.version)
+        yield freezer
+    finally:
+        freezer.thaw()
+        marker.unlink(missing_ok=True)
+
+
+def thaw_abandoned(marker_dir: Path) -> list[Path]:
+    """Thaw the cgroups left frozen by commits that died, remove their markers and return the cgroups thawed."""
+    markers: dict[Path, _Marker] = {}
+    for path in sorted(marker_dir.glob(f"*{MARKER_SUFFIX}")):
+        try:
+            markers[path] = _read_marker(path)
+        except FileNotFoundError:
+            continue  # its owner finished, or a concurrent run removed it
+        except ValueError as e:
+            log.warning("%s: malformed freeze marker (%s); removing it", path, e)
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            raise StorageError(f"{path}: cannot read freeze marker ({e.strerror}); fix its permissions") from e
+    verdicts = {path: _judge_owner(marker) for path, marker in markers.items()}
+    # A cgroup a live commit has frozen stays frozen, even if a dead commit's marker names it too.
+    held = {marker.freezer.path for path, marker in markers.items() if verdicts[path] == "live"}
+    thawed: list[Path] = []
+    for path, marker in markers.items():
+        verdict = verdicts[path]
+        if verdict in ("live", "foreign"):
+            continue
+        cgroup = marker.freezer.path
+        if verdict == "dead" and cgroup not in held and cgroup not in thawed and cgroup.is_dir():
+            log.warning(
+                "container %s: thawing %s, left frozen by commit process %d, which died",
+                marker.label,
+                cgroup,
+                marker.owner_pid,
+            )
+            marker.freezer.thaw()
+            thawed.append(cgroup)
+        path.unlink(missing_ok=True)
+    return thawed
+
+
+@dataclass(frozen=True)
+class _Mount:
+    root: str  # the cgroup mounted there, as /proc/<pid>/cgroup names it
+    point: Path
+    version: int
+
+
+@dataclass(frozen=True)
+class _Marker:
+    freezer: Freezer
+    label: str
+    owner_pid: int
+    # Written by this module but optional when read, so a hand-written marker with the documented fields works.
+    owner_start: int | None
+    host: str | None
+    boot_id: str | None
+
+
+def _read_memberships(path: Path) -> dict[int, str]:
+    """Cgroup version -> the process's cgroup path, from /proc/<pid>/cgroup (v1: the freezer line only)."""
+    memberships: dict[int, str] = {}
+    for line in path.read_bytes().splitlines():
+        hierarchy, _, rest = line.partition(b":")
+        controllers, _, cgroup = rest.partition(b":")
+        if hierarchy == b"0" and controllers == b"":
+            memberships[2] = os.fsdecode(cgroup)
+        elif b"freezer" in controllers.split(b","):
+            memberships[1] = os.fsdecode(cgroup)
+    return memberships
+
+
+def _read_cgroup_mounts(mountinfo: Path) -> list[_Mount]:
+    """The v1 freezer and cgroup2 mounts listed in mountinfo (proc(5)); none if it cannot be read."""
+    try:
+        data = mountinfo.read_bytes()
+    except OSError:
+        return []
+    mounts: list[_Mount] = []
+    for line in data.splitlines():
+        head, separator, tail = line.partition(b" - ")
+        fields, fs_fields = head.split(b" "), tail.split(b" ")
+        if not separator or len(fields) < 5 or len(fs_fields) < 3:
+            continue
+        if fs_fields[0] == b"cgroup2":
+            version = 2
+        elif fs_fields[0] == b"cgroup" and b"freezer" in fs_fields[2].split(b","):
+            version = 1
+        else:
+            continue
+        mounts.append(_Mount(_unescape(fields[3]), Path(_unescape(fields[4])), version))
+    return mounts
+
+
+def _conventional_mounts(version: int, cgroup_root: Path) -> list[_Mount]:
+    if version == 1:
+        return [_Mount("/", cgroup_root / "freezer", 1)]
+    return [_Mount("/", cgroup_root / "unified", 2), _Mount("/", cgroup_root, 2)]
+
+
+def _unescape(raw: bytes) -> str:
+    return os.fsdecode(_MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), raw))
+
+
+def _relative_to(cgroup: str, mount_root: str) -> str | None:
+    """cgroup's path below a mount of mount_root, or None when the mount does not reach it."""
+    root = mount_root.rstrip("/")
+    if cgroup == root or cgroup == mount_root:
+        return ""
+    if cgroup.startswith(root + "/"):
+        return cgroup[len(root) + 1 :]
+    return None
+
+
+def _is_within(member: str | None, cgroup: str) -> bool:
+    return member is not None and (member == cgroup or member.startswith(cgroup.rstrip("/") + "/"))
+
+
+def _write_control(path: Path, value: str) -> None:
+    # No O_CREAT: a path that is not a cgroup (say, from a tampered marker) must fail rather than gain a file.
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _write_marker(marker_dir: Path, freezer: Freezer, pid: int, label: str) -> Path:
+    owner = os.getpid()
+    marker = marker_dir / f"{owner}-{pid}-{secrets.token_hex(4)}{MARKER_SUFFIX}"
+    record = {
+        "cgroup": str(freezer.path),
+        "version": freezer.version,
+        "pid": pid,
+        "label": label,
+        "owner_pid": owner,
+        # A pid alone cannot tell a dead owner from a newer process that reused its number, nor this machine's
+        # commits from another's when marker_dir is shared; start time, boot id and host can.
+        "owner_start": _start_time(owner),
+        "boot_id": _boot_id(),
+        "host": socket.gethostname(),
+    }
+    write_bytes_atomic(marker, json.dumps(record, sort_keys=True).encode() + b"\n")
+    return marker
+
+
+def _read_marker(path: Path) -> _Marker:
+    """The marker's record; ValueError when it is not one this module could have written."""
+    record = json.loads(path.read_bytes())
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    cgroup = _field(record, "cgroup", str)
+    version = _field(record, "version", int)
+    if not cgroup.startswith("/") or version not in (1, 2):
+        raise ValueError(f"cgroup {cgroup!r} version {version!r}")
+    return _Marker(
+        freezer=Freezer(Path(cgroup), version),
+        label=_field(record, "label", str),
+        owner_pid=_field(record, "owner_pid", int),
+        owner_start=_optional_field(record, "owner_start", int),
+        host=_optional_field(record, "host", str),
+        boot_id=_optional_field(record, "boot_id", str),
+    )
+
+
+def _field(record: dict[str, Any], key: str, kind: type[_T]) -> _T:
+    value = record.get(key)
+    if not isinstance(value, kind) or type(value) is not kind:  # exact type: JSON true is no integer 1
+        raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _optional_field(record: dict[str, Any], key: str, kind: type[_T]) -> _T | None:
+    return None if record.get(key) is None else _field(record, key, kind)
+
+
+def _judge_owner(marker: _Marker) -> str:
+    """'live', 'dead' (thaw), 'rebooted' (drop: no freeze survives a reboot) or 'foreign' (another machine's)."""
+    if marker.boot_id is not None and marker.boot_id != _boot_id():
+        return "rebooted" if marker.host in (None, socket.gethostname()) else "foreign"
+    try:
+        os.kill(marker.owner_pid, 0)
+    except ProcessLookupError:
+        return "dead"
+    except PermissionError:
+        pass  # alive, owned by another user
+    if marker.owner_start is not None and _start_time(marker.owner_pid) != marker.owner_start:
+        return "dead"  # the number now names a newer process
+    return "live"
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks after boot (/proc/<pid>/stat field 22), None if it is gone."""
+    try:
+        stat = (_PROC / str(pid) / "stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses, so count fields after its closing one.
+    return int(stat.rpartition(b")")[2].split()[19])
+
+
+def _boot_id() -> str | None:
+    try:
+        return _BOOT_ID.read_text().strip()
+    except OSError:
+        return None
