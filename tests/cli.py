@@ -13,7 +13,13 @@ def run_luigi(*args: str, env: dict[str, str] | None = None, timeout: float = 30
     """`luigi --module pipeline ARGS --local-scheduler` from the repository root (where luigi.cfg is)."""
     full_env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"} | (env or {})
     command = [sys.executable, "-m", "luigi", "--module", "pipeline", *args, "--local-scheduler"]
-    return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # Every scenario doubles as a check that the source storage is only ever read.
+    root = Path(args[args.index("--storage-root") + 1]) if "--storage-root" in args else None
+    before = tree_fingerprint(root) if root and root.exists() else None
+    result = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if root and before is not None:
+        assert tree_fingerprint(root) == before, f"the run wrote into the source storage {root}"
+    return result
 
 
 def commit_args(storage_root: Path, work: Path, *extra: str) -> list[str]:

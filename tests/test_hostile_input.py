@@ -1,0 +1,161 @@
+"""Hostile and broken input: each refused with one line naming the thing, a non-zero exit, nothing written."""
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cache import LayerCache
+from pipeline.container import check_id_text
+from pipeline.demo import build_sample_storage
+from pipeline.errors import ContainerNotFound, SourceChanged
+from tests.cli import REPO, commit_args, error_lines, run_luigi, tree_fingerprint
+from tests.conftest import needs_root
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> tuple[Path, str]:
+    root = tmp_path / "storage"
+    return root, build_sample_storage(root)
+
+
+def _refused(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert result.returncode != 0, result.stderr
+    [line] = error_lines(result)
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in line, line
+    return line
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "a/b", "../x", "/abs", ".", "..", "", "x" * 300])
+def test_ids_that_could_address_files_are_refused(text: str) -> None:
+    with pytest.raises(ContainerNotFound, match="invalid container id"):
+        check_id_text(text)
+
+
+def test_diff_that_is_a_symlink_loop_is_refused(storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = storage
+    diff = root / "overlay2" / cid / "diff"
+    subprocess.run(["rm", "-rf", str(diff)], check=True)
+    os.symlink("diff", diff)
+    _refused(run_luigi(*commit_args(root, tmp_path, "--id", cid)), f"{cid}/diff")
+    assert not (tmp_path / "out").exists()
+
+
+def test_symlink_loop_inside_a_layer_is_packed_as_a_symlink(storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = storage
+    os.symlink("loop", root / "overlay2" / cid / "diff" / "loop")
+    assert run_luigi(*commit_args(root, tmp_path, "--id", cid)).returncode == 0
+
+
+def test_malformed_image_config_is_refused_naming_the_file(storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = storage
+    [config] = (root / "image/overlay2/imagedb/content/sha256").iterdir()
+    config.write_text("[1, 2")
+    _refused(run_luigi(*commit_args(root, tmp_path, "--id", cid)), str(config), "malformed JSON")
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_config_that_is_not_an_object_is_refused(storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = storage
+    [config] = (root / "image/overlay2/imagedb/content/sha256").iterdir()
+    config.write_text('"just a string"')
+    _refused(run_luigi(*commit_args(root, tmp_path, "--id", cid)), str(config), "JSON object")
+
+
+@needs_root
+def test_unreadable_file_is_refused_naming_it(storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = storage
+    secret = root / "overlay2" / cid / "diff" / "app" / "secret"
+    secret.write_text("no one may read this")
+    secret.chmod(0)
+    before = tree_fingerprint(root)
+    # Root reads anything; without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH it meets EACCES like any user.
+    command = [
+        "setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+        sys.executable, "-m", "luigi", "--module", "pipeline",
+        *commit_args(root, tmp_path, "--id", cid), "--local-scheduler",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    _refused(result, str(secret), "Permission denied")
+    assert not (tmp_path / "out").exists()
+    assert tree_fingerprint(root) == before
+
+
+def test_file_growing_throughout_packing_fails_after_one_retry(tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    log_file = layer / "app.log"
+    log_file.write_bytes(os.urandom(8 << 20))
+    stop = threading.Event()
+
+    def keep_appending() -> None:
+        with open(log_file, "ab") as f:
+            while not stop.is_set():
+                f.write(b"another line\n")
+                f.flush()
+
+    writer = threading.Thread(target=keep_appending)
+    writer.start()
+    try:
+        with pytest.raises(SourceChanged, match=r"app\.log: .* \(twice\); pause the container"):
+            LayerCache(tmp_path / "cache").pack_layer(layer)
+    finally:
+        stop.set()
+        writer.join()
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
+def test_file_changed_once_during_packing_is_packed_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    big = layer / "big.bin"
+    big.write_bytes(os.urandom(96 << 20))
+    blob_dir = tmp_path / "cache" / "blobs" / "sha256"
+
+    def truncate_once_packing_started() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if blob_dir.exists() and any(".partial-" in p.name for p in blob_dir.iterdir()):
+                os.truncate(big, 1 << 20)
+                return
+            time.sleep(0.0005)
+
+    changer = threading.Thread(target=truncate_once_packing_started)
+    changer.start()
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
+        record = LayerCache(tmp_path / "cache").pack_layer(layer)
+    changer.join()
+    assert "packing the layer again" in caplog.text
+    assert record.size < 2 << 20
+    with open(blob_dir / record.hex, "rb") as f:
+        assert "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == record.diff_id
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter"])
+def test_damaged_cache_blob_is_detected_and_rebuilt(storage: tuple[Path, str], tmp_path: Path, damage: str) -> None:
+    root, cid = storage
+    first = commit_args(root, tmp_path, "--id", cid, "--output", str(tmp_path / "a.tar"))
+    assert run_luigi(*first).returncode == 0
+    base_record = next((tmp_path / "cache" / "layers").glob("*.json"))
+    diff_id = json.loads(base_record.read_text())["diff_id"]
+    blob = tmp_path / "cache" / "blobs" / "sha256" / diff_id.removeprefix("sha256:")
+    data = bytearray(blob.read_bytes())
+    if damage == "truncate":
+        blob.write_bytes(data[:100])
+    else:
+        data[600] ^= 0xFF  # same size, one byte different
+        blob.write_bytes(bytes(data))
+    second = run_luigi(*commit_args(root, tmp_path, "--id", cid, "--output", str(tmp_path / "b.tar")))
+    assert second.returncode == 0, second.stderr
+    assert "packing it again" in second.stderr
+    with open(blob, "rb") as f:
+        assert "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == diff_id
