@@ -163,7 +163,9 @@ def _write_entry(
 ) -> None:
     st, xattrs = entry.st, entry.xattrs
     whiteout.check_supported(_describe_bytes(layer_dir, prefix + entry.name), xattrs)
-    mtime = int(st.st_mtime) if clamp_mtime is None else min(int(st.st_mtime), clamp_mtime)
+    # Whole seconds from the integer nanoseconds: the float st_mtime rounds x.999999999 up to the next second.
+    seconds = st.st_mtime_ns // 1_000_000_000
+    mtime = seconds if clamp_mtime is None else min(seconds, clamp_mtime)
     common: dict[str, Any] = {"uid": st.st_uid, "gid": st.st_gid, "mtime": mtime}
     mode = st.st_mode
     if whiteout.is_whiteout(mode, st.st_rdev, xattrs):
