@@ -2,9 +2,12 @@
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -19,13 +22,31 @@ def storage(tmp_path: Path) -> tuple[Path, str]:
     cid = build_sample_storage(root)
     base = Path((root / "overlay2" / cid / "lower").read_text().split("/")[0])
     # Large enough that both processes are packing the base layer at the same time.
-    (root / "overlay2" / base / "diff" / "big.bin").write_bytes(os.urandom(48 << 20))
+    (root / "overlay2" / base / "diff" / "big.bin").write_bytes(os.urandom(8 << 20))
     return root, cid
 
 
-def _start(args: list[str]) -> subprocess.Popen[str]:
+def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "luigi", "--module", "pipeline", *args, "--local-scheduler"]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, cwd=REPO, env=os.environ | (env or {}), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_until_stopped(pid: int) -> None:
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "T":
+        assert time.monotonic() < deadline, "the first commit never reached its stop point"
+        time.sleep(0.01)
+
+
+def _read_until(stream: IO[str], needle: str) -> list[str]:
+    lines = []
+    for line in stream:
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"never saw {needle!r}:\n{''.join(lines)}")
 
 
 def _finish(processes: list[subprocess.Popen[str]]) -> str:
@@ -55,9 +76,20 @@ def test_two_commits_of_one_container_at_once_both_succeed_and_pack_each_layer_o
 ) -> None:
     root, cid = storage
     args = commit_args(root, tmp_path, "--id", cid, "--output", str(tmp_path / "img.tar"))
-    log = _finish([_start(args), _start(args)])
+    # The first stops while it holds the base layer's lock; the second must wait for it, not pack alongside it.
+    first = _start(args, {"PIPELINE_FAILPOINTS": "pack:started@1:stop"})
+    second = None
+    try:
+        _wait_until_stopped(first.pid)
+        second = _start(args)
+        assert second.stderr is not None
+        seen = _read_until(second.stderr, "waiting for another process")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        if second is None:
+            first.kill()
+    log = _finish([first, second]) + "".join(seen)
     assert log.count("INFO pipeline.cache: packed ") == 2, log
-    assert "waiting for another process" in log, "the two commits never overlapped"
     _assert_cache_consistent(tmp_path / "cache")
     assert len(read_archive_manifest(tmp_path / "img.tar")["Layers"]) == 2
 
