@@ -4,14 +4,16 @@ import errno
 import json
 import os
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from pipeline import freezer
 from pipeline.archive import Member, archive_size, write_image_archive
 from pipeline.atomic import atomic_path, make_dirs, no_space_error
 from pipeline.cache import LayerCache
-from pipeline.container import Storage, resolve_container
+from pipeline.container import Container, Storage, resolve_container
 from pipeline.errors import OutputError, PipelineError
 from pipeline.imageconfig import build_image_config, digest_of, encode_json
 from pipeline.layer import LayerRecord
@@ -137,3 +139,14 @@ def archive_mtime(config: bytes) -> int:
     """The archive members' mtime: the image's creation time, so archives of one image are byte-identical."""
     created = json.loads(config)["created"]
     return int(datetime.fromisoformat(created).timestamp())
+
+
+def pause_while_packing(container: Container, marker_dir: Path, *, enabled: bool) -> AbstractContextManager[object]:
+    """Freeze a running container's cgroup while its layer is packed, as `docker commit` does by default.
+
+    Containers frozen by a commit that was killed are thawed first (their markers sit in marker_dir).
+    """
+    freezer.thaw_abandoned(marker_dir)
+    if not enabled or not container.running or container.pid <= 0:
+        return nullcontext()
+    return freezer.paused(container.pid, marker_dir, label=f"{container.name.lstrip('/')} ({container.short_id})")

@@ -8,7 +8,7 @@ Graph for one commit (every output written atomically):
 import hashlib
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,16 @@ class _LayerTask(luigi.Task):
         with cache.lock(_key(self.output().path)):
             if self.complete():  # another process packed it while this one waited for the lock
                 return
-            record = cache.pack_layer(Path(self.layer_dir), clamp_mtime=self.clamp_mtime)
+            with self.pausing():
+                failpoint.reached(f"pack:{self.task_family}")
+                record = cache.pack_layer(Path(self.layer_dir), clamp_mtime=self.clamp_mtime)
             with self.output().temporary_path() as temp:
                 Path(temp).write_bytes(encode_record(record))
         failpoint.reached("task:layer-done")
+
+    def pausing(self) -> AbstractContextManager[object]:
+        """What keeps the layer still while it is packed; image layers are immutable and need nothing."""
+        return nullcontext()
 
     def complete(self) -> bool:
         # The record alone is not enough: a blob deleted, truncated or altered since must be packed again.
@@ -88,6 +94,8 @@ class _CommitTask(luigi.Task):
     storage_root: str = luigi.Parameter()
     cache_dir: str = luigi.Parameter()
     clamp_mtime: int | None = luigi.OptionalIntParameter(default=None)
+    # How the layer is read, not what the commit is: it leaves task ids (and so targets) unchanged.
+    pause: bool = luigi.BoolParameter(default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
 
     def commit_dir(self) -> str:
         key = _key(self.container_id, self.image, self.output_path, self.engine, self.storage_root, self.clamp_mtime)
@@ -113,7 +121,11 @@ class _CommitTask(luigi.Task):
 
 
 class PackContainerLayer(_LayerTask, _CommitTask):
-    """The container's own writable layer, packed once per commit."""
+    """The container's own writable layer, packed once per commit (paused while packed if it is running)."""
+
+    def pausing(self) -> AbstractContextManager[object]:
+        container = self.open_storage().read_container(self.container_id)
+        return commits.pause_while_packing(container, Path(self.cache_dir) / "freezer", enabled=self.pause)
 
     def output(self) -> DurableTarget:
         return DurableTarget(os.path.join(self.commit_dir(), "layer.json"))
@@ -195,6 +207,12 @@ class CommitImage(luigi.WrapperTask):
         default="", description="archive path; default: under [commit] output_dir"
     )
 
+    pause: bool = luigi.BoolParameter(
+        default=True,
+        parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="freeze a running container while its layer is packed (--pause false to opt out)",
+    )
+
     def requires(self) -> WriteImageArchive:
         settings = commit()
         engine, root = storage().engine, os.path.abspath(storage().root)
@@ -209,6 +227,7 @@ class CommitImage(luigi.WrapperTask):
             storage_root=root,
             cache_dir=os.path.abspath(settings.cache_dir),
             clamp_mtime=commits.source_date_epoch(),
+            pause=self.pause,
         )
 
 

@@ -1,0 +1,119 @@
+"""A running container is frozen through its cgroup while its layer is packed, and always thawed after."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.demo import build_sample_storage
+from pipeline.freezer import Freezer
+from tests.cgroups import VERSIONS, Cgroup, grows
+from tests.cli import REPO, commit_args, run_luigi
+
+# Reached inside the pause, just before the container's own layer is packed.
+CONTAINER_LAYER_PACK = "pack:PackContainerLayer@1"
+
+
+def _running_storage(tmp_path: Path, pid: int) -> tuple[Path, str]:
+    root = tmp_path / "storage"
+    cid = build_sample_storage(root)
+    config_path = root / "containers" / cid / "config.json"
+    config = json.loads(config_path.read_text())
+    config["State"] = {"Running": True, "Pid": pid}
+    config_path.write_text(json.dumps(config))
+    return root, cid
+
+
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "T"
+
+
+def _commit_stopped_while_packing(args: list[str]) -> subprocess.Popen[str]:
+    env = os.environ | {"PIPELINE_FAILPOINTS": f"{CONTAINER_LAYER_PACK}:stop"}
+    command = [sys.executable, "-m", "luigi", "--module", "pipeline", *args, "--local-scheduler"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _stopped(process.pid):
+        assert process.poll() is None and time.monotonic() < deadline, "the commit never reached the container layer"
+        time.sleep(0.01)
+    return process
+
+
+@pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
+def test_running_container_is_frozen_while_its_layer_is_packed(cgroup: Cgroup, tmp_path: Path) -> None:
+    counter = tmp_path / "counter"
+    container = cgroup.start_counter(counter)
+    root, cid = _running_storage(tmp_path, container.pid)
+    commit = _commit_stopped_while_packing(commit_args(root, tmp_path, "--id", cid))
+    try:
+        assert Freezer(cgroup.path, cgroup.version).is_frozen()
+        assert not grows(counter)
+    finally:
+        os.kill(commit.pid, signal.SIGCONT)
+    _, stderr = commit.communicate(timeout=120)
+    assert commit.returncode == 0, stderr
+    assert not Freezer(cgroup.path, cgroup.version).is_frozen()
+    assert grows(counter)
+    assert list((tmp_path / "cache" / "freezer").iterdir()) == []
+
+
+@pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
+def test_pause_false_leaves_the_container_running(cgroup: Cgroup, tmp_path: Path) -> None:
+    counter = tmp_path / "counter"
+    container = cgroup.start_counter(counter)
+    root, cid = _running_storage(tmp_path, container.pid)
+    commit = _commit_stopped_while_packing(commit_args(root, tmp_path, "--id", cid, "--pause", "false"))
+    try:
+        assert not Freezer(cgroup.path, cgroup.version).is_frozen()
+        assert grows(counter)
+    finally:
+        os.kill(commit.pid, signal.SIGCONT)
+    commit.communicate(timeout=120)
+    assert commit.returncode == 0
+
+
+@pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
+def test_commit_killed_while_frozen_is_thawed_by_the_next_run(cgroup: Cgroup, tmp_path: Path) -> None:
+    counter = tmp_path / "counter"
+    container = cgroup.start_counter(counter)
+    root, cid = _running_storage(tmp_path, container.pid)
+    args = commit_args(root, tmp_path, "--id", cid)
+    killed = run_luigi(*args, env={"PIPELINE_FAILPOINTS": CONTAINER_LAYER_PACK})
+    assert killed.returncode == -9
+    assert Freezer(cgroup.path, cgroup.version).is_frozen() and not grows(counter)
+    assert len(list((tmp_path / "cache" / "freezer").iterdir())) == 1
+    rerun = run_luigi(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "left frozen by commit process" in rerun.stderr
+    assert not Freezer(cgroup.path, cgroup.version).is_frozen() and grows(counter)
+
+
+@pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
+def test_documented_command_thaws_after_a_killed_commit(cgroup: Cgroup, tmp_path: Path) -> None:
+    counter = tmp_path / "counter"
+    container = cgroup.start_counter(counter)
+    root, cid = _running_storage(tmp_path, container.pid)
+    assert run_luigi(*commit_args(root, tmp_path, "--id", cid), env={"PIPELINE_FAILPOINTS": CONTAINER_LAYER_PACK})
+    assert Freezer(cgroup.path, cgroup.version).is_frozen()
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.freezer", str(tmp_path / "cache" / "freezer")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and "thawed 1 cgroup(s)" in result.stdout, result.stderr
+    assert grows(counter)
+
+
+def test_container_that_is_no_longer_running_is_committed_with_a_warning(tmp_path: Path) -> None:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    root, cid = _running_storage(tmp_path, process.pid)
+    result = run_luigi(*commit_args(root, tmp_path, "--id", cid))
+    assert result.returncode == 0
+    assert "proceeds unpaused" in result.stderr
