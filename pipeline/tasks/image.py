@@ -1,4 +1,4 @@
-"""The luigi shell: settings sections and the tasks of a commit, each a thin call into the plain core.
+"""The tasks that commit one container into an image archive, each a thin call into the plain core.
 
 Graph for one commit (every output written atomically):
     PackImageLayer* ─┐
@@ -7,8 +7,7 @@ Graph for one commit (every output written atomically):
 
 import hashlib
 import os
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,31 +15,13 @@ import luigi
 
 from pipeline import commit as commits
 from pipeline import failpoint
-from pipeline.atomic import atomic_path, write_bytes_atomic
+from pipeline.atomic import write_bytes_atomic
 from pipeline.cache import LayerCache
 from pipeline.container import Storage
 from pipeline.engines import open_storage
 from pipeline.layer import LayerRecord, encode_record, read_record
 from pipeline.reference import parse_reference
-
-
-class storage(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg section [storage]
-    engine: str = luigi.Parameter(default="rocker", description="container engine whose storage is read")
-    root: str = luigi.Parameter(default="/var/lib/rocker", description="root of the engine's storage")
-
-
-class commit(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg section [commit]
-    output_dir: str = luigi.Parameter(default="images", description="where archives go when --output is not given")
-    cache_dir: str = luigi.Parameter(default=".cache/pipeline", description="layer cache and per-commit files")
-
-
-class DurableTarget(luigi.LocalTarget):
-    """A LocalTarget whose temporary_path() also fsyncs and removes the temporary file on failure."""
-
-    @contextmanager
-    def temporary_path(self) -> Iterator[str]:
-        with atomic_path(Path(self.path)) as temp:
-            yield str(temp)
+from pipeline.tasks.settings import DurableTarget, commit, storage
 
 
 class _LayerTask(luigi.Task):

@@ -1,0 +1,23 @@
+"""The luigi shell: settings sections and tasks, each a thin call into the plain core."""
+
+from pipeline.tasks.image import (
+    CommitImage,
+    PackContainerLayer,
+    PackImageLayer,
+    WriteImageArchive,
+    WriteImageConfig,
+    WriteManifest,
+    WriteRepositories,
+)
+from pipeline.tasks.settings import DurableTarget
+
+__all__ = [
+    "CommitImage",
+    "DurableTarget",
+    "PackContainerLayer",
+    "PackImageLayer",
+    "WriteImageArchive",
+    "WriteImageConfig",
+    "WriteManifest",
+    "WriteRepositories",
+]
