@@ -5,7 +5,7 @@ import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,18 +68,26 @@ class LayerCache:
         finally:
             os.close(fd)
 
-    def pack_layer(self, layer_dir: Path, *, clamp_mtime: int | None = None) -> LayerRecord:
+    def pack_layer(
+        self,
+        layer_dir: Path,
+        *,
+        clamp_mtime: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> LayerRecord:
         """Pack layer_dir into the cache and return its record; a file changing meanwhile gets one retry."""
         try:
-            return self._pack_once(layer_dir, clamp_mtime)
+            return self._pack_once(layer_dir, clamp_mtime, progress)
         except SourceChanged as e:
             log.warning("%s; packing the layer again", e)
         try:
-            return self._pack_once(layer_dir, clamp_mtime)
+            return self._pack_once(layer_dir, clamp_mtime, progress)
         except SourceChanged as e:
             raise SourceChanged(f"{e} (twice); pause the container or stop writes to it, then re-run") from e
 
-    def _pack_once(self, layer_dir: Path, clamp_mtime: int | None) -> LayerRecord:
+    def _pack_once(
+        self, layer_dir: Path, clamp_mtime: int | None, progress: Callable[[int], None] | None
+    ) -> LayerRecord:
         blob_dir = self.root / "blobs" / "sha256"
         make_dirs(blob_dir)
         remove_abandoned_partials(blob_dir)
@@ -87,7 +95,7 @@ class LayerCache:
         try:
             with open(temp, "wb", buffering=_BUFFER) as f:
                 failpoint.reached("pack:started")
-                record = write_layer(layer_dir, f, clamp_mtime=clamp_mtime)
+                record = write_layer(layer_dir, f, clamp_mtime=clamp_mtime, progress=progress)
                 f.flush()
                 os.fsync(f.fileno())
             failpoint.reached("pack:before-rename")

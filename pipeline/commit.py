@@ -4,8 +4,9 @@ import errno
 import json
 import os
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from pipeline.cache import LayerCache
 from pipeline.container import Container, Storage, resolve_container
 from pipeline.errors import OutputError, PipelineError
 from pipeline.imageconfig import build_image_config, digest_of, encode_json
-from pipeline.layer import LayerRecord
+from pipeline.layer import LayerRecord, scan_layer
 from pipeline.manifest import blob_name, build_manifest, build_repositories
 from pipeline.reference import Reference, build_reference_from_name, parse_reference
 
@@ -150,3 +151,15 @@ def pause_while_packing(container: Container, marker_dir: Path, *, enabled: bool
     if not enabled or not container.running or container.pid <= 0:
         return nullcontext()
     return freezer.paused(container.pid, marker_dir, label=f"{container.name.lstrip('/')} ({container.short_id})")
+
+
+def pack_scanned_layer(
+    cache: LayerCache, layer_dir: Path, *, clamp_mtime: int | None, report: Callable[[int, int], None]
+) -> LayerRecord:
+    """Scan layer_dir (fingerprint and size), then pack it, reporting (bytes done, bytes expected) as it goes.
+
+    The fingerprint is taken before packing, so a layer changed meanwhile never looks unchanged later.
+    """
+    scan = scan_layer(layer_dir)
+    record = cache.pack_layer(layer_dir, clamp_mtime=clamp_mtime, progress=lambda done: report(done, scan.file_bytes))
+    return replace(record, fingerprint=scan.fingerprint)

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,10 +30,12 @@ _O_NOATIME = getattr(os, "O_NOATIME", 0)
 
 @dataclass(frozen=True)
 class LayerRecord:
-    """What a packed layer is: diff_id (sha256 of the uncompressed tar) and its size in bytes."""
+    """What a packed layer is: diff_id (sha256 of the uncompressed tar), its size in bytes, and the
+    fingerprint of the layer_dir taken just before packing ("" when not taken)."""
 
     diff_id: str
     size: int
+    fingerprint: str = ""
 
     @property
     def hex(self) -> str:
@@ -65,8 +67,51 @@ class _Entry:
     xattrs: dict[str, bytes]
 
 
-def write_layer(layer_dir: Path, out: BinaryIO, *, clamp_mtime: int | None = None) -> LayerRecord:
-    """Write layer_dir as a tar to out and return its diff_id and size; out receives every byte exactly once."""
+@dataclass(frozen=True)
+class LayerScan:
+    """A metadata walk of a layer_dir: a fingerprint that changes when any entry changes, and its size."""
+
+    fingerprint: str
+    entries: int
+    file_bytes: int
+
+
+def scan_layer(layer_dir: Path) -> LayerScan:
+    """Walk layer_dir's metadata (path, size, mtime, ctime, inode, mode) without reading file contents.
+
+    ctime is in the fingerprint because no user-space call can set it back: any write, chmod, rename or
+    utime since the last scan changes it, so an equal fingerprint means an unchanged layer.
+    """
+    digest = hashlib.sha256()
+    entries = file_bytes = 0
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(layer_dir)):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            digest.update(
+                b"%s\0%d %d %d %d %d\n" % (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode)
+            )
+            entries += 1
+            if stat.S_ISREG(st.st_mode):
+                file_bytes += st.st_size
+    return LayerScan("sha256:" + digest.hexdigest(), entries, file_bytes)
+
+
+def write_layer(
+    layer_dir: Path,
+    out: BinaryIO,
+    *,
+    clamp_mtime: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> LayerRecord:
+    """Write layer_dir as a tar to out and return its diff_id and size; out receives every byte exactly once.
+
+    progress, if given, is called with the bytes written so far after each regular file.
+    """
     try:
         root_fd = os.open(layer_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as e:
@@ -76,6 +121,8 @@ def write_layer(layer_dir: Path, out: BinaryIO, *, clamp_mtime: int | None = Non
     try:
         for parent_fd, prefix, entry in _walk(root_fd, layer_dir):
             _write_entry(sink, parent_fd, prefix, entry, layer_dir, hardlinks, clamp_mtime)
+            if progress is not None and stat.S_ISREG(entry.st.st_mode):
+                progress(sink.size)
     finally:
         os.close(root_fd)
     sink.write(tarheader.END_OF_ARCHIVE)
@@ -282,13 +329,16 @@ def _describe(layer_dir: Path, rel: bytes) -> str:
 
 
 def encode_record(record: LayerRecord) -> bytes:
-    return json.dumps({"diff_id": record.diff_id, "size": record.size}, sort_keys=True).encode()
+    doc = {"diff_id": record.diff_id, "size": record.size, "fingerprint": record.fingerprint}
+    return json.dumps(doc, sort_keys=True).encode()
 
 
 def read_record(path: Path) -> LayerRecord:
     """A record written by encode_record; a damaged one raises LayerError naming the file."""
     try:
         doc = json.loads(path.read_bytes())
-        return LayerRecord(diff_id=str(doc["diff_id"]), size=int(doc["size"]))
+        return LayerRecord(
+            diff_id=str(doc["diff_id"]), size=int(doc["size"]), fingerprint=str(doc.get("fingerprint", ""))
+        )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LayerError(f"{path}: damaged layer record ({e}); delete it and re-run") from e

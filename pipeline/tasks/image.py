@@ -7,6 +7,7 @@ Graph for one commit (every output written atomically):
 
 import hashlib
 import os
+import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ class _LayerTask(luigi.Task):
                 return
             with self.pausing():
                 failpoint.reached(f"pack:{self.task_family}")
-                record = cache.pack_layer(Path(self.layer_dir), clamp_mtime=self.clamp_mtime)
+                record = commits.pack_scanned_layer(
+                    cache, Path(self.layer_dir), clamp_mtime=self.clamp_mtime, report=_Progress(self)
+                )
             with self.output().temporary_path() as temp:
                 Path(temp).write_bytes(encode_record(record))
         failpoint.reached("task:layer-done")
@@ -210,6 +213,25 @@ class CommitImage(luigi.WrapperTask):
             clamp_mtime=commits.source_date_epoch(),
             pause=self.pause,
         )
+
+
+class _Progress:
+    """Reports a layer's packing to luigid's web UI: a percentage and "bytes done of total", at most once a second."""
+
+    def __init__(self, task: luigi.Task) -> None:
+        self._task = task
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._last >= 1.0:
+            self._last = now
+            # The worker installs these callbacks before run(); outside a worker they are None.
+            set_percentage = self._task.set_progress_percentage
+            set_message = self._task.set_status_message
+            if set_percentage is not None and set_message is not None:
+                set_percentage(min(99, done * 100 // max(total, 1)))
+                set_message(f"{done} of about {total} bytes packed")
 
 
 def _key(*parts: object) -> str:
