@@ -4,6 +4,6 @@
 (every module but pipeline.tasks) never imports luigi.
 """
 
-from pipeline.tasks import CommitImage, WriteImageArchive
+from pipeline.tasks import CommitImage, SnapshotAll, WriteImageArchive
 
-__all__ = ["CommitImage", "WriteImageArchive"]
+__all__ = ["CommitImage", "SnapshotAll", "WriteImageArchive"]

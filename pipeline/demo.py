@@ -1,6 +1,6 @@
 """Builds a small sample rocker storage (real overlay whiteouts when run as root) and commits it with luigi.
 
-`python -m pipeline.demo [DIR]` is the README's first command; it prints where the archive is and how to load it.
+`python -m pipeline demo [DIR]` (what `./dev demo` runs); it prints where the archive is and how to load it.
 """
 
 import hashlib

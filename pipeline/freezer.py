@@ -371,16 +371,12 @@ def _boot_id() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.freezer CACHE_DIR/freezer`: thaw containers left frozen by killed commits."""
+    """`pipeline-thaw CACHE_DIR/freezer`: thaw containers left frozen by killed commits."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m pipeline.freezer CACHE_DIR/freezer", file=sys.stderr)
+        print("usage: pipeline-thaw CACHE_DIR/freezer", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     thawed = thaw_abandoned(Path(args[0]))
     print(f"thawed {len(thawed)} cgroup(s)" + "".join(f"\n  {path}" for path in thawed))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -101,7 +101,7 @@ def test_documented_command_thaws_after_a_killed_commit(cgroup: Cgroup, tmp_path
     assert run_luigi(*commit_args(root, tmp_path, "--id", cid), env={"PIPELINE_FAILPOINTS": CONTAINER_LAYER_PACK})
     assert Freezer(cgroup.path, cgroup.version).is_frozen()
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.freezer", str(tmp_path / "cache" / "freezer")],
+        [sys.executable, "-m", "pipeline", "thaw", str(tmp_path / "cache" / "freezer")],
         cwd=REPO,
         capture_output=True,
         text=True,

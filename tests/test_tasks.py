@@ -190,7 +190,7 @@ def test_failed_commit_leaves_no_partial_files(storage: tuple[Path, str], tmp_pa
 
 def test_demo_builds_storage_and_commits_a_loadable_archive(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.demo", str(tmp_path / "demo")], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-m", "pipeline", "demo", str(tmp_path / "demo")], capture_output=True, text=True, cwd=REPO
     )
     assert result.returncode == 0, result.stderr
     archive = tmp_path / "demo" / "images" / "demo-web_latest.tar"

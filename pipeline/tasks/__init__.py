@@ -10,12 +10,15 @@ from pipeline.tasks.image import (
     WriteRepositories,
 )
 from pipeline.tasks.settings import DurableTarget
+from pipeline.tasks.snapshot import SnapshotAll, SnapshotContainer
 
 __all__ = [
     "CommitImage",
     "DurableTarget",
     "PackContainerLayer",
     "PackImageLayer",
+    "SnapshotAll",
+    "SnapshotContainer",
     "WriteImageArchive",
     "WriteImageConfig",
     "WriteManifest",

@@ -26,3 +26,24 @@ class DurableTarget(luigi.LocalTarget):
     def temporary_path(self) -> Iterator[str]:
         with atomic_path(Path(self.path)) as temp:
             yield str(temp)
+
+
+class batch(luigi.Config):  # noqa: N801 - flags --batch-*; values also read from [snapshot]
+    """The [snapshot] section. The class cannot be named `snapshot`: its --snapshot-* flags would make
+    SnapshotAll's --snapshot an ambiguous abbreviation to luigi's first argument pass."""
+
+    period_minutes: int = luigi.IntParameter(
+        default=60,
+        config_path={"section": "snapshot", "name": "period_minutes"},
+        description="snapshot stamps are truncated to this period: runs within one period are no-ops",
+    )
+    keep: int = luigi.IntParameter(
+        default=0,
+        config_path={"section": "snapshot", "name": "keep"},
+        description="snapshots kept per container (0 keeps all)",
+    )
+    gc_grace_minutes: int = luigi.IntParameter(
+        default=60,
+        config_path={"section": "snapshot", "name": "gc_grace_minutes"},
+        description="cache entries younger than this are never garbage-collected (commits in flight)",
+    )

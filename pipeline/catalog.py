@@ -1,0 +1,134 @@
+"""The snapshot catalog: one JSON record per snapshot, and a JSON-lines index of them all for people and tools.
+
+Each record is its own file (<output_dir>/catalog/records/<container-id>/<stamp>.json), written atomically: it is the
+luigi target of that snapshot, so concurrent workers and hosts never contend for one file and a killed run
+leaves every record whole. catalog.jsonl is rebuilt from the records after each run (grep- and jq-friendly);
+SQLite was rejected because one shared database file needs cross-process locking that luigi targets avoid.
+"""
+
+import json
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import write_bytes_atomic
+from pipeline.errors import StorageError
+
+INDEX_NAME = "catalog.jsonl"
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """One snapshot of one container; status "reused" means archive is an earlier snapshot's (nothing changed)."""
+
+    container_id: str
+    name: str
+    stamp: str
+    reference: str
+    archive: str
+    config_digest: str
+    diff_ids: tuple[str, ...]
+    layer_sizes: tuple[int, ...]
+    archive_size: int
+    fingerprint: str
+    duration: float
+    status: str  # "new" | "reused"
+    reused_from: str = ""
+    packed_layers: int = 0  # layers this snapshot packed; the others came from the cache
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: Path) -> "SnapshotRecord":
+        try:
+            doc: dict[str, Any] = json.loads(data)
+            doc["diff_ids"] = tuple(doc["diff_ids"])
+            doc["layer_sizes"] = tuple(doc["layer_sizes"])
+            return cls(**doc)
+        except (ValueError, KeyError, TypeError) as e:
+            raise StorageError(f"{where}: damaged snapshot record ({e}); delete it and re-run the snapshot") from e
+
+
+def catalog_dir(output_dir: Path) -> Path:
+    return output_dir / "catalog"
+
+
+def record_path(output_dir: Path, container_id: str, stamp: str) -> Path:
+    return catalog_dir(output_dir) / "records" / container_id / f"{stamp}.json"
+
+
+def read_records(output_dir: Path, container_id: str | None = None) -> list[SnapshotRecord]:
+    """All records (of one container, if given), oldest stamp first."""
+    root = catalog_dir(output_dir) / "records"
+    dirs = [root / container_id] if container_id else sorted(p for p in root.glob("*") if p.is_dir())
+    records = []
+    for directory in dirs:
+        for path in sorted(directory.glob("*.json")):
+            records.append(SnapshotRecord.from_json(path.read_bytes(), path))
+    return sorted(records, key=lambda r: (r.stamp, r.name, r.container_id))
+
+
+def previous_record(output_dir: Path, container_id: str, stamp: str) -> SnapshotRecord | None:
+    """The container's latest snapshot taken before stamp whose archive still exists."""
+    earlier = [r for r in read_records(output_dir, container_id) if r.stamp < stamp and Path(r.archive).exists()]
+    return earlier[-1] if earlier else None
+
+
+def reuse_record(previous: SnapshotRecord, stamp: str, duration: float) -> SnapshotRecord:
+    """The record of a snapshot whose container did not change: it points at the previous archive."""
+    return replace(
+        previous,
+        stamp=stamp,
+        duration=duration,
+        status="reused",
+        reused_from=previous.reused_from or previous.stamp,
+    )
+
+
+def write_index(output_dir: Path) -> Path:
+    """Rebuild catalog.jsonl from every record, atomically."""
+    path = catalog_dir(output_dir) / INDEX_NAME
+    lines = b"".join(r.to_json() + b"\n" for r in read_records(output_dir))
+    write_bytes_atomic(path, lines)
+    return path
+
+
+def format_table(records: list[SnapshotRecord]) -> str:
+    """The records as an aligned text table, one line each."""
+    header = ("STAMP", "NAME", "CONTAINER", "STATUS", "SIZE", "SECONDS", "REFERENCE", "ARCHIVE")
+    rows = [
+        (
+            r.stamp,
+            r.name,
+            r.container_id[:12],
+            r.status,
+            _human(r.archive_size),
+            f"{r.duration:.2f}",
+            r.reference,
+            r.archive,
+        )
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
+        for row in [header, *rows]
+    )
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`pipeline-snapshots [OUTPUT_DIR]`: print the catalog as a table (OUTPUT_DIR defaults to ./images)."""
+    args = sys.argv[1:] if argv is None else argv
+    print(format_table(read_records(Path(args[0] if args else "images"))))
+    return 0

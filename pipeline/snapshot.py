@@ -1,0 +1,111 @@
+"""Batch snapshots: which containers to snapshot, whether one changed since its last snapshot, and its record."""
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from pipeline.catalog import SnapshotRecord, previous_record
+from pipeline.container import Container, Storage
+from pipeline.imageconfig import digest_of
+from pipeline.layer import LayerRecord, scan_layer
+from pipeline.reference import build_reference_from_name
+
+STAMP_FORMAT = "%Y-%m-%dT%H%M"  # luigi's DateMinuteParameter format; also a valid image tag
+
+
+def format_stamp(when: datetime) -> str:
+    return when.strftime(STAMP_FORMAT)
+
+
+def select_containers(storage: Storage, globs: list[str], state: str) -> list[Container]:
+    """Containers whose name, id or short id matches any glob (all when none given), in the given state."""
+    selected = []
+    for container_id in storage.list_containers():
+        container = storage.read_container(container_id)
+        names = (container.name.lstrip("/"), container.container_id, container.short_id)
+        if globs and not any(fnmatch.fnmatchcase(n, g) for n in names for g in globs):
+            continue
+        running = container.running and container.pid > 0 and _alive(container.pid)
+        if state == "all" or (state == "running") == running:
+            selected.append(container)
+    return selected
+
+
+def snapshot_reference(container: Container, stamp: str) -> str:
+    """<name>:<stamp>, the name made a valid repository name."""
+    name = build_reference_from_name(container.name, container.container_id).name
+    return f"{name}:{stamp}"
+
+
+def snapshot_archive(output_dir: Path, container: Container, stamp: str) -> Path:
+    """<output_dir>/snapshots/<name>-<short id>/<stamp>.tar: the short id keeps equal names apart."""
+    name = build_reference_from_name(container.name, container.container_id).name.replace("/", "_")
+    return output_dir / "snapshots" / f"{name}-{container.short_id}" / f"{stamp}.tar"
+
+
+def find_unchanged(output_dir: Path, container: Container, stamp: str) -> SnapshotRecord | None:
+    """The previous snapshot if the container's layer has not changed since it was taken (a metadata walk)."""
+    previous = previous_record(output_dir, container.container_id, stamp)
+    if previous is None or not previous.fingerprint:
+        return None
+    return previous if scan_layer(container.layer.layer_dir).fingerprint == previous.fingerprint else None
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What one snapshot's commit produced, read back from its targets."""
+
+    archive: Path
+    config: bytes
+    layers: list[LayerRecord]
+    packed_layers: int  # layers packed by this snapshot's run, the rest came from the cache
+
+
+def build_record(container: Container, stamp: str, result: CommitResult, duration: float) -> SnapshotRecord:
+    return SnapshotRecord(
+        container_id=container.container_id,
+        name=container.name.lstrip("/") or container.short_id,
+        stamp=stamp,
+        reference=snapshot_reference(container, stamp),
+        archive=str(result.archive),
+        config_digest=digest_of(result.config),
+        diff_ids=tuple(r.diff_id for r in result.layers),
+        layer_sizes=tuple(r.size for r in result.layers),
+        archive_size=result.archive.stat().st_size,
+        fingerprint=result.layers[-1].fingerprint,
+        duration=round(duration, 3),
+        status="new",
+        packed_layers=result.packed_layers,
+    )
+
+
+def summarize(stamp: str, records: list[SnapshotRecord], seconds: float) -> str:
+    """The one line of totals a run ends with."""
+    new = [r for r in records if r.status == "new"]
+    new_bytes = sum(r.archive_size for r in new)
+    reused_layers = sum(len(r.diff_ids) - r.packed_layers for r in new) + sum(
+        len(r.diff_ids) for r in records if r not in new
+    )
+    return (
+        f"snapshot {stamp}: {len(records)} container(s) ({len(new)} new, {len(records) - len(new)} unchanged),"
+        f" {new_bytes} new archive bytes, {reused_layers} layer(s) reused, {seconds:.1f} s"
+    )
+
+
+def build_run_summary(stamp: str, records: list[SnapshotRecord], seconds: float) -> bytes:
+    return json.dumps(
+        {"stamp": stamp, "containers": [r.container_id for r in records], "seconds": round(seconds, 3)}, sort_keys=True
+    ).encode()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
