@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline import failpoint
 from pipeline.errors import OutputError
+from pipeline.process import is_alive
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def remove_abandoned_partials(directory: Path) -> list[Path]:
             continue
         path = directory / name
         if match["host"] == _HOST:
-            abandoned = not _pid_alive(int(match["pid"]))
+            abandoned = not is_alive(int(match["pid"]))
         else:
             try:
                 abandoned = time.time() - path.stat().st_mtime > _FOREIGN_PARTIAL_AGE
@@ -99,16 +100,6 @@ def no_space_error(path: Path, error: OSError, needed: int | None = None) -> Out
         free = "free space unknown"
     need = f"needs about {needed} bytes, " if needed is not None else ""
     return OutputError(f"{path}: no space left on device ({need}{free}); free space or choose another location")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def make_dirs(path: Path) -> None:

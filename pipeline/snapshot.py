@@ -2,7 +2,6 @@
 
 import fnmatch
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -11,6 +10,7 @@ from pipeline.catalog import SnapshotRecord, previous_record
 from pipeline.container import Container, Storage
 from pipeline.imageconfig import digest_of
 from pipeline.layer import LayerRecord, scan_layer
+from pipeline.process import is_alive
 from pipeline.reference import build_reference_from_name
 
 STAMP_FORMAT = "%Y-%m-%dT%H%M"  # luigi's DateMinuteParameter format; also a valid image tag
@@ -28,7 +28,7 @@ def select_containers(storage: Storage, globs: list[str], state: str) -> list[Co
         names = (container.name.lstrip("/"), container.container_id, container.short_id)
         if globs and not any(fnmatch.fnmatchcase(n, g) for n in names for g in globs):
             continue
-        running = container.running and container.pid > 0 and _alive(container.pid)
+        running = container.running and container.pid > 0 and is_alive(container.pid)
         if state == "all" or (state == "running") == running:
             selected.append(container)
     return selected
@@ -99,13 +99,3 @@ def build_run_summary(stamp: str, records: list[SnapshotRecord], seconds: float)
     return json.dumps(
         {"stamp": stamp, "containers": [r.container_id for r in records], "seconds": round(seconds, 3)}, sort_keys=True
     ).encode()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -18,11 +18,10 @@ from pipeline import commit as commits
 from pipeline import failpoint
 from pipeline.atomic import write_bytes_atomic
 from pipeline.cache import LayerCache
-from pipeline.container import Storage
 from pipeline.engines import open_storage
 from pipeline.layer import LayerRecord, encode_record, read_record
 from pipeline.reference import parse_reference
-from pipeline.tasks.settings import DurableTarget, commit, storage
+from pipeline.tasks.settings import DurableTarget, StorageTask, commit, storage
 
 
 class _LayerTask(luigi.Task):
@@ -68,25 +67,16 @@ class PackImageLayer(_LayerTask):
         return DurableTarget(os.path.join(self.cache_dir, "layers", f"{key}.json"))
 
 
-class _CommitTask(luigi.Task):
-    """Parameters shared by every task of one commit; all absolute, so task ids do not depend on the cwd."""
+class _CommitTask(StorageTask):
+    """Parameters shared by every task of one commit."""
 
     container_id: str = luigi.Parameter()
     image: str = luigi.Parameter()
     output_path: str = luigi.Parameter()
-    engine: str = luigi.Parameter()
-    storage_root: str = luigi.Parameter()
-    cache_dir: str = luigi.Parameter()
-    clamp_mtime: int | None = luigi.OptionalIntParameter(default=None)
-    # How the layer is read, not what the commit is: it leaves task ids (and so targets) unchanged.
-    pause: bool = luigi.BoolParameter(default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
 
     def commit_dir(self) -> str:
         key = _key(self.container_id, self.image, self.output_path, self.engine, self.storage_root, self.clamp_mtime)
         return os.path.join(self.cache_dir, "commits", key)
-
-    def open_storage(self) -> Storage:
-        return open_storage(self.engine, Path(self.storage_root))
 
     def layer_tasks(self) -> list[_LayerTask]:
         container = self.open_storage().read_container(self.container_id)

@@ -7,6 +7,8 @@ from pathlib import Path
 import luigi
 
 from pipeline.atomic import atomic_path
+from pipeline.container import Storage
+from pipeline.engines import open_storage
 
 
 class storage(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg section [storage]
@@ -17,6 +19,21 @@ class storage(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg sec
 class commit(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg section [commit]
     output_dir: str = luigi.Parameter(default="images", description="where archives go when --output is not given")
     cache_dir: str = luigi.Parameter(default=".cache/pipeline", description="layer cache and per-commit files")
+
+
+class StorageTask(luigi.Task):
+    """Parameters of every task that reads a container storage; all absolute, so task ids do not depend on the
+    cwd."""
+
+    engine: str = luigi.Parameter()
+    storage_root: str = luigi.Parameter()
+    cache_dir: str = luigi.Parameter()
+    clamp_mtime: int | None = luigi.OptionalIntParameter(default=None)
+    # How a layer is read, not what is produced: it leaves task ids (and so targets) unchanged.
+    pause: bool = luigi.BoolParameter(default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+
+    def open_storage(self) -> Storage:
+        return open_storage(self.engine, Path(self.storage_root))
 
 
 class DurableTarget(luigi.LocalTarget):

@@ -20,7 +20,7 @@ from pipeline.atomic import write_bytes_atomic
 from pipeline.catalog import SnapshotRecord
 from pipeline.engines import open_storage
 from pipeline.tasks.image import WriteImageArchive
-from pipeline.tasks.settings import DurableTarget, commit, batch, storage
+from pipeline.tasks.settings import DurableTarget, StorageTask, batch, commit, storage
 
 log = luigi.task.logger
 
@@ -48,24 +48,19 @@ def _settings() -> dict[str, Any]:
     }
 
 
-class SnapshotContainer(luigi.Task):
+class SnapshotContainer(StorageTask):
     """One container's snapshot; its target is the catalog record. Unchanged containers reuse the last archive."""
 
     container_id: str = luigi.Parameter()
     stamp: str = luigi.Parameter()
-    engine: str = luigi.Parameter()
-    storage_root: str = luigi.Parameter()
-    cache_dir: str = luigi.Parameter()
     output_dir: str = luigi.Parameter()
-    clamp_mtime: int | None = luigi.OptionalIntParameter(default=None)
-    pause: bool = luigi.BoolParameter(default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
 
     def output(self) -> DurableTarget:
         return DurableTarget(str(catalog.record_path(Path(self.output_dir), self.container_id, self.stamp)))
 
     def run(self) -> Generator[luigi.Task, None, None]:
         started = self._started()
-        container = open_storage(self.engine, Path(self.storage_root)).read_container(self.container_id)
+        container = self.open_storage().read_container(self.container_id)
         unchanged = snapshots.find_unchanged(Path(self.output_dir), container, self.stamp)
         if unchanged is not None:
             record = catalog.reuse_record(unchanged, self.stamp, time.time() - started)
