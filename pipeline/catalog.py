@@ -35,7 +35,6 @@ class SnapshotRecord:
     duration: float
     status: str  # "new" | "reused"
     reused_from: str = ""
-    packed_layers: int = 0  # layers this snapshot packed; the others came from the cache
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

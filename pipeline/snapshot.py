@@ -61,7 +61,6 @@ class CommitResult:
     archive: Path
     config: bytes
     layers: list[LayerRecord]
-    packed_layers: int  # layers packed by this snapshot's run, the rest came from the cache
 
 
 def build_record(container: Container, stamp: str, result: CommitResult, duration: float) -> SnapshotRecord:
@@ -78,21 +77,33 @@ def build_record(container: Container, stamp: str, result: CommitResult, duratio
         fingerprint=result.layers[-1].fingerprint,
         duration=round(duration, 3),
         status="new",
-        packed_layers=result.packed_layers,
     )
 
 
-def summarize(stamp: str, records: list[SnapshotRecord], seconds: float) -> str:
+def summarize(stamp: str, records: list[SnapshotRecord], seconds: float, *, reused_layers: int) -> str:
     """The one line of totals a run ends with."""
     new = [r for r in records if r.status == "new"]
-    new_bytes = sum(r.archive_size for r in new)
-    reused_layers = sum(len(r.diff_ids) - r.packed_layers for r in new) + sum(
-        len(r.diff_ids) for r in records if r not in new
-    )
     return (
         f"snapshot {stamp}: {len(records)} container(s) ({len(new)} new, {len(records) - len(new)} unchanged),"
-        f" {new_bytes} new archive bytes, {reused_layers} layer(s) reused, {seconds:.1f} s"
+        f" {sum(r.archive_size for r in new)} new archive bytes, {reused_layers} layer(s) reused from earlier"
+        f" runs, {seconds:.1f} s"
     )
+
+
+def count_reused_layers(records: list[SnapshotRecord], blob_dir: Path, run_started: float) -> int:
+    """Layer uses served by blobs packed before this run: every layer of an unchanged snapshot, and the
+    layers of new snapshots whose blob is older than the run (a shared layer packed now counts for no one)."""
+    reused = 0
+    for record in records:
+        for diff_id in record.diff_ids:
+            if record.status == "reused":
+                reused += 1
+                continue
+            try:
+                reused += (blob_dir / diff_id.removeprefix("sha256:")).stat().st_mtime < run_started
+            except FileNotFoundError:
+                continue
+    return reused
 
 
 def build_run_summary(stamp: str, records: list[SnapshotRecord], seconds: float) -> bytes:

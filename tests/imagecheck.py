@@ -154,26 +154,35 @@ def _apply_layer(layer: tarfile.TarFile, dest: Path, where: str) -> None:
         if rel in seen:
             raise AssertionError(f"{where}: duplicate path {rel!r} (an OCI layer must not repeat a path)")
         seen.add(rel)
-    # Whiteouts apply only to the layers below (image-spec layer.md), so they all go before this layer's entries.
-    for rel in paths:
-        name = rel.rpartition(b"/")[2]
-        if not name.startswith(WHITEOUT_PREFIX):
-            continue
-        target_dir = _inside(dest, rel, where)[: -len(name) - 1]
-        if name == OPAQUE_MARKER:
-            if os.path.isdir(target_dir):
-                for child in os.listdir(target_dir):
-                    _remove(os.path.join(target_dir, child))
-        else:
-            victim = os.path.join(target_dir, name[len(WHITEOUT_PREFIX) :])
-            if os.path.lexists(victim):
-                _remove(victim)
+    # Applied in tar order, as moby's and containerd's appliers do: a whiteout removes what the layers below
+    # left, never an entry this layer itself wrote (image-spec layer.md), and an opaque marker follows its
+    # directory's own entry, so a lower symlink replaced by a directory is gone before the marker is read.
+    written: set[bytes] = set()
     for member, rel in zip(members, paths, strict=True):
-        if rel and not rel.rpartition(b"/")[2].startswith(WHITEOUT_PREFIX):
+        name = rel.rpartition(b"/")[2]
+        if not rel:
+            continue
+        if not name.startswith(WHITEOUT_PREFIX):
             try:
                 _extract(layer, member, rel, dest, where)
             except OSError as exc:
                 raise AssertionError(f"{where}: cannot apply {member.name!r}: {exc}") from exc
+            written.add(rel)
+            continue
+        parent_rel = rel[: -len(name) - 1]
+        target_dir = _inside(dest, rel, where)[: -len(name) - 1]
+        if name == OPAQUE_MARKER:
+            if os.path.isdir(target_dir):
+                for child in os.listdir(target_dir):
+                    if (parent_rel + b"/" + child if parent_rel else child) not in written:
+                        _remove(os.path.join(target_dir, child))
+        else:
+            victim_rel = (parent_rel + b"/" if parent_rel else b"") + name[len(WHITEOUT_PREFIX) :]
+            victim = os.path.join(target_dir, name[len(WHITEOUT_PREFIX) :])
+            if victim_rel in written:
+                raise AssertionError(f"{where}: whiteout {rel!r} names an entry of its own layer")
+            if os.path.lexists(victim):
+                _remove(victim)
 
 
 def _ensure_parents(dest: Path, rel: bytes) -> None:

@@ -4,12 +4,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.container import Storage
+from pipeline.engines.docker import DockerStorage
+from pipeline.engines.podman import PodmanStorage
 from pipeline.engines.rocker import RockerStorage
 from pipeline.errors import StorageError
 
 # One line per engine: its name in [storage] engine, and its reader.
 ENGINES: dict[str, Callable[[Path], Storage]] = {
     "rocker": RockerStorage,
+    "podman": PodmanStorage,
+    "docker": DockerStorage,
 }
 
 

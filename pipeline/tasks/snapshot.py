@@ -67,7 +67,7 @@ class SnapshotContainer(StorageTask):
         else:
             archive = self._archive_task(container)
             yield archive  # luigi runs the commit, then calls run() again from the top
-            result = _read_commit(archive, started)
+            result = _read_commit(archive)
             record = snapshots.build_record(container, self.stamp, result, time.time() - started)
         write_bytes_atomic(Path(self.output().path), record.to_json())
 
@@ -92,11 +92,9 @@ class SnapshotContainer(StorageTask):
         return float(path.read_text())
 
 
-def _read_commit(archive: WriteImageArchive, started: float) -> snapshots.CommitResult:
-    layer_tasks = archive.layer_tasks()
-    packed = sum(1 for t in layer_tasks if os.stat(t.output().path).st_mtime >= started)
+def _read_commit(archive: WriteImageArchive) -> snapshots.CommitResult:
     config = Path(archive.requires()["config"].output().path).read_bytes()
-    return snapshots.CommitResult(Path(archive.output_path), config, archive.layer_records(), packed)
+    return snapshots.CommitResult(Path(archive.output_path), config, archive.layer_records())
 
 
 class SnapshotAll(luigi.Task):
@@ -146,7 +144,8 @@ class SnapshotAll(luigi.Task):
                 retention.apply_retention(plan)
                 catalog.write_index(output_dir)
         seconds = time.time() - _PROCESS_STARTED
-        log.info(snapshots.summarize(self.stamp(), records, seconds))
+        reused = snapshots.count_reused_layers(records, cache_dir / "blobs" / "sha256", _PROCESS_STARTED)
+        log.info(snapshots.summarize(self.stamp(), records, seconds, reused_layers=reused))
         write_bytes_atomic(Path(self.output().path), snapshots.build_run_summary(self.stamp(), records, seconds))
 
 

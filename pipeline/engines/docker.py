@@ -1,0 +1,200 @@
+"""Reads Docker Engine's storage with the overlay2 graph driver: containers/<id>/config.v2.json and the layer store.
+
+Layout: https://github.com/moby/moby — container/container.go and container/state.go (config.v2.json),
+layer/filestore.go and layer/layer_store.go (image/overlay2/layerdb/{sha256,mounts}), image/fs.go
+(image/overlay2/imagedb/content/sha256/<image-id>), daemon/graphdriver/overlay2/overlay.go (overlay2/<cache-id>/diff).
+"""
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.container import Container, Layer, check_id_text
+from pipeline.errors import ContainerNotFound, StorageError
+
+_CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
+# layer/filestore.go stringIDRegexp: what a mount-id, init-id or cache-id file may hold.
+_CACHE_ID = re.compile(r"[0-9a-f]{64}(-init)?")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# layer/layer_store.go maxLayerDepth: docker refuses to stack more image layers than this.
+_MAX_DEPTH = 125
+# Container Config keys that mean the same in a Docker image config, with the JSON type each must have; docker
+# commit copies the container's whole Config, which already holds the image's defaults merged in at create time.
+_CONFIG_KEYS: dict[str, type] = {
+    "Cmd": list,
+    "Entrypoint": list,
+    "Env": list,
+    "WorkingDir": str,
+    "User": str,
+    "Labels": dict,
+    "ExposedPorts": dict,
+    "Volumes": dict,
+    "StopSignal": str,
+    "Healthcheck": dict,
+    "OnBuild": list,
+    "Shell": list,
+}
+
+
+class DockerStorage:
+    """Docker's storage under root (default /var/lib/docker), overlay2 driver only; never written to."""
+
+    engine = "docker"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._containers = root / "containers"
+        self._layerdb = root / "image" / "overlay2" / "layerdb"
+        self._layers_root = root / "overlay2"
+
+    def list_containers(self) -> list[str]:
+        try:
+            names = os.listdir(self._containers)
+        except OSError as e:
+            raise StorageError(
+                f"{self._containers}: cannot list containers ({e.strerror}); check --storage-root"
+            ) from e
+        return sorted(n for n in names if _CONTAINER_ID.fullmatch(n) and (self._containers / n).is_dir())
+
+    def read_container(self, container_id: str) -> Container:
+        check_id_text(container_id)
+        path = self._containers / container_id / "config.v2.json"
+        if not _CONTAINER_ID.fullmatch(container_id) or not path.is_file():
+            raise ContainerNotFound(f"{path}: no such container; list them with docker ps --all")
+        doc = _read_json_object(path, f"container {container_id}")
+        driver = doc.get("Driver") or "overlay2"
+        if driver != "overlay2":
+            raise StorageError(
+                f"{path}: container {container_id} uses the storage driver {driver!r}; only overlay2 is supported"
+                " (the containerd image store keeps layers elsewhere)"
+            )
+        state, config = doc.get("State") or {}, doc.get("Config") or {}
+        if not isinstance(state, dict) or not isinstance(config, dict):
+            raise StorageError(f"{path}: 'State' and 'Config' must be objects; the container's metadata is corrupt")
+        image_config = {}
+        for key, kind in _CONFIG_KEYS.items():
+            value = config.get(key)
+            if value is not None:
+                if not isinstance(value, kind):
+                    raise StorageError(f"{path}: Config.{key} must be a JSON {kind.__name__}; fix or recreate it")
+                image_config[key] = value
+        pid = state.get("Pid")
+        return Container(
+            container_id=container_id,
+            name=str(doc.get("Name") or ""),
+            created=str(doc.get("Created") or ""),
+            # Running and Paused are both true for a paused container (state.go): it is frozen already, and
+            # freezing then thawing it here would unpause it.
+            running=state.get("Running") is True and not state.get("Paused"),
+            pid=pid if isinstance(pid, int) else 0,
+            image=str(config.get("Image") or doc.get("Image") or ""),
+            lower_layers=tuple(self._read_image_layers(container_id)),
+            layer=self._read_container_layer(container_id),
+            config=image_config,
+        )
+
+    def read_base_config(self, container: Container) -> dict[str, Any] | None:
+        path = self._containers / container.container_id / "config.v2.json"
+        image_id = _read_json_object(path, f"container {container.container_id}").get("Image")
+        if not image_id:
+            return None
+        if not isinstance(image_id, str) or not _DIGEST.fullmatch(image_id):
+            raise StorageError(
+                f"{path}: Image {image_id!r} is not a sha256 digest; the container's metadata is corrupt"
+            )
+        hex_id = image_id.removeprefix("sha256:")
+        content = self.root / "image" / "overlay2" / "imagedb" / "content" / "sha256" / hex_id
+        data = _read_bytes(content, f"config of image {hex_id}")
+        # image/fs.go checks the same on every read: an image id is the digest of its config.
+        if hashlib.sha256(data).hexdigest() != hex_id:
+            raise StorageError(f"{content}: does not hash to its image id; the image store is corrupt (docker pull)")
+        return _parse_json_object(data, content, f"config of image {hex_id}")
+
+    def _read_container_layer(self, container_id: str) -> Layer:
+        # layer_store.go: the container's writable layer is mount-id; its parent in the graph driver is init-id
+        # ("<mount-id>-init", /etc/hosts and the like), and docker commit diffs against that, so the init layer
+        # is never part of the image and is not read here.
+        mount_id = _read_id(self._layerdb / "mounts" / container_id / "mount-id", _CACHE_ID, required=True)
+        return Layer(mount_id, self._layer_dir(container_id, mount_id))
+
+    def _read_image_layers(self, container_id: str) -> list[Layer]:
+        """The image layers under the container's writable layer, oldest first, by their chain ids' parent files."""
+        mounts = self._layerdb / "mounts" / container_id
+        layers: list[Layer] = []
+        chain_id = _read_id(mounts / "parent", _DIGEST, required=False)
+        while chain_id:
+            if len(layers) >= _MAX_DEPTH:
+                raise StorageError(
+                    f"{self._layerdb}: the layers of container {container_id} go deeper than docker allows"
+                    f" ({_MAX_DEPTH}); the layer store is corrupt"
+                )
+            layer_meta = self._layerdb / "sha256" / chain_id.removeprefix("sha256:")
+            if not layer_meta.is_dir():
+                raise StorageError(
+                    f"{layer_meta}: layer {chain_id} of container {container_id} is missing; the layer store is"
+                    " incomplete"
+                )
+            cache_id = _read_id(layer_meta / "cache-id", _CACHE_ID, required=True)
+            layers.append(Layer(cache_id, self._layer_dir(container_id, cache_id, listed_in=layer_meta)))
+            chain_id = _read_id(layer_meta / "parent", _DIGEST, required=False)
+        layers.reverse()
+        return layers
+
+    def _layer_dir(self, container_id: str, cache_id: str, listed_in: Path | None = None) -> Path:
+        layer_dir = self._layers_root / cache_id / "diff"
+        source = f" (listed in {listed_in})" if listed_in else ""
+        real = Path(os.path.realpath(layer_dir))
+        if not real.is_relative_to(os.path.realpath(self._layers_root)):
+            raise StorageError(
+                f"{layer_dir}: layer of container {container_id}{source} resolves to {real}, outside the storage root;"
+                " refusing to read it"
+            )
+        if not real.is_dir():
+            raise StorageError(
+                f"{layer_dir}: layer {cache_id} of container {container_id}{source} has no diff/ directory;"
+                " the storage is incomplete or not overlay2"
+            )
+        return layer_dir
+
+
+def _read_id(path: Path, pattern: re.Pattern[str], *, required: bool) -> str:
+    """The id or digest a layer store file holds (filestore.go trims whitespace), or "" when optional and absent."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        if required:
+            raise StorageError(
+                f"{path}: missing; the layer store is incomplete (is this a docker overlay2 root?)"
+            ) from None
+        return ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise StorageError(f"{path}: unreadable ({e}); the layer store is corrupt") from e
+    if not pattern.fullmatch(text):
+        raise StorageError(f"{path}: holds {text[:80]!r}, not a valid id; the layer store is corrupt")
+    return text
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise StorageError(f"{path}: missing; {what} is not in this storage (check --storage-root)") from None
+    except OSError as e:
+        raise StorageError(f"{path}: cannot read {what} ({e.strerror})") from e
+
+
+def _parse_json_object(data: bytes, path: Path, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise StorageError(f"{path}: {what} has malformed JSON ({e}); fix or remove it") from e
+    if not isinstance(doc, dict):
+        raise StorageError(f"{path}: {what} must be a JSON object; fix or remove it")
+    return doc
+
+
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    return _parse_json_object(_read_bytes(path, what), path, what)
