@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -36,7 +37,8 @@ def is_partial(path: Path) -> bool:
 
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it becomes final durably, on any error it is removed."""
+    """Yield a temporary path to write (a file, or a directory the caller creates); on success it becomes final
+    durably, on any error it is removed."""
     make_dirs(final.parent)
     remove_abandoned_partials(final.parent)
     temp = partial_path(final)
@@ -46,12 +48,12 @@ def atomic_path(final: Path) -> Iterator[Path]:
         failpoint.reached("atomic:before-rename")
         os.replace(temp, final)
     except OSError as e:
-        temp.unlink(missing_ok=True)
+        _remove(temp)
         if e.errno in _NO_SPACE:
             raise no_space_error(final, e) from e
         raise
     except BaseException:
-        temp.unlink(missing_ok=True)
+        _remove(temp)
         raise
     failpoint.reached("atomic:after-rename")
     fsync_dir(final.parent)
@@ -84,11 +86,19 @@ def remove_abandoned_partials(directory: Path) -> list[Path]:
             except FileNotFoundError:
                 continue
         if abandoned:
-            path.unlink(missing_ok=True)
+            _remove(path)
             removed.append(path)
     if removed:
         log.info("removed %d temporary file(s) left by killed runs in %s", len(removed), directory)
     return removed
+
+
+def _remove(path: Path) -> None:
+    """Remove a temporary file or directory (an OCI layout being written), whichever it is."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def no_space_error(path: Path, error: OSError, needed: int | None = None) -> OutputError:

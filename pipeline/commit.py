@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from pipeline import freezer
+from pipeline import freezer, ocilayout
 from pipeline.archive import Member, archive_size, write_image_archive
 from pipeline.atomic import atomic_path, make_dirs, no_space_error
 from pipeline.cache import LayerCache
@@ -31,22 +31,25 @@ class CommitPlan:
     output: Path
 
 
-def plan_commit(storage: Storage, id_text: str, image: str, output: str, output_dir: Path) -> CommitPlan:
+def plan_commit(
+    storage: Storage, id_text: str, image: str, output: str, output_dir: Path, fmt: str = "both"
+) -> CommitPlan:
     """Resolve the user's id prefix, image reference and output path, refusing anything invalid up front."""
     container_id = resolve_container(storage, id_text)
     if image:
         reference = parse_reference(image)
     else:
         reference = build_reference_from_name(storage.read_container(container_id).name, container_id)
-    path = Path(output) if output else default_output(output_dir, reference)
+    path = Path(output) if output else default_output(output_dir, reference, fmt)
     path = Path(os.path.abspath(path))
     check_writable(path)
     return CommitPlan(container_id, reference, path)
 
 
-def default_output(output_dir: Path, reference: Reference) -> Path:
-    """<output_dir>/<name with / as _>_<tag>.tar: one file per reference, never a nested path."""
-    return output_dir / f"{reference.name.replace('/', '_').replace(':', '_')}_{reference.tag}.tar"
+def default_output(output_dir: Path, reference: Reference, fmt: str = "both") -> Path:
+    """<output_dir>/<name with / as _>_<tag>.tar (no .tar for an OCI layout directory): one per reference."""
+    suffix = "" if fmt == "oci-dir" else ".tar"
+    return output_dir / f"{reference.name.replace('/', '_').replace(':', '_')}_{reference.tag}{suffix}"
 
 
 def check_writable(path: Path) -> None:
@@ -90,34 +93,51 @@ def build_repositories_bytes(config: bytes, reference: Reference) -> bytes:
     return encode_json(build_repositories(reference, digest_of(config)))
 
 
-def write_commit_archive(
+FORMATS = ("both", "docker", "oci", "oci-dir")
+
+
+def write_commit_output(
     dest: Path,
+    fmt: str,
     cache: LayerCache,
     records: list[LayerRecord],
     config: bytes,
-    manifest: bytes,
-    repositories: bytes,
+    docker_files: dict[str, bytes],
+    reference: Reference,
     *,
     mtime: int,
-) -> int:
-    """Write the docker-archive: layers oldest first, config, manifest.json, repositories; return its size."""
-    members = []
+) -> None:
+    """Write the image in one of FORMATS: a docker-archive, an OCI archive, both in one tar (as `docker save`
+    does since Engine 25), or an OCI layout directory whose layer blobs are hardlinks into the cache.
+
+    docker_files holds manifest.json and repositories; layers go oldest first, then the small files.
+    """
+    blobs = []
     for record in records:
         if not cache.has_blob(record):
             raise OutputError(
                 f"{cache.blob_path(record.diff_id)}: cached layer is missing or damaged; re-run to repack it"
             )
-        members.append(Member(blob_name(record.diff_id), path=cache.blob_path(record.diff_id)))
-    members += [
-        Member(blob_name(digest_of(config)), data=config),
-        Member("manifest.json", data=manifest),
-        Member("repositories", data=repositories),
-    ]
+        blobs.append(cache.blob_path(record.diff_id))
+    manifest = encode_json(ocilayout.build_image_manifest(config, records))
+    oci_files = ocilayout.layout_files(config, manifest, encode_json(ocilayout.build_index(manifest, reference)))
+    if fmt == "oci-dir":
+        with atomic_path(dest) as temp:
+            temp.mkdir()
+            ocilayout.write_oci_dir(temp, blobs, oci_files)
+        return
+    small = {blob_name(digest_of(config)): config}
+    if fmt in ("both", "oci"):
+        small = oci_files
+    if fmt in ("both", "docker"):
+        small |= docker_files
+    members = [Member(blob_name(r.diff_id), path=b) for r, b in zip(records, blobs, strict=True)]
+    members += [Member(name, data=data) for name, data in small.items()]
     needed = archive_size(members)
     check_free_space(dest, needed)
     with atomic_path(dest) as temp:
         try:
-            return write_image_archive(temp, members, mtime=mtime)
+            write_image_archive(temp, members, mtime=mtime)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise no_space_error(dest, e, needed) from e

@@ -40,10 +40,11 @@ def snapshot_reference(container: Container, stamp: str) -> str:
     return f"{name}:{stamp}"
 
 
-def snapshot_archive(output_dir: Path, container: Container, stamp: str) -> Path:
-    """<output_dir>/snapshots/<name>-<short id>/<stamp>.tar: the short id keeps equal names apart."""
+def snapshot_archive(output_dir: Path, container: Container, stamp: str, fmt: str = "both") -> Path:
+    """<output_dir>/snapshots/<name>-<short id>/<stamp>.tar (a directory without .tar for oci-dir); the short id
+    keeps equal names apart."""
     name = build_reference_from_name(container.name, container.container_id).name.replace("/", "_")
-    return output_dir / "snapshots" / f"{name}-{container.short_id}" / f"{stamp}.tar"
+    return output_dir / "snapshots" / f"{name}-{container.short_id}" / (stamp if fmt == "oci-dir" else f"{stamp}.tar")
 
 
 def find_unchanged(output_dir: Path, container: Container, stamp: str) -> SnapshotRecord | None:
@@ -73,37 +74,57 @@ def build_record(container: Container, stamp: str, result: CommitResult, duratio
         config_digest=digest_of(result.config),
         diff_ids=tuple(r.diff_id for r in result.layers),
         layer_sizes=tuple(r.size for r in result.layers),
-        archive_size=result.archive.stat().st_size,
+        archive_size=output_size(result.archive),
         fingerprint=result.layers[-1].fingerprint,
         duration=round(duration, 3),
         status="new",
     )
 
 
-def summarize(stamp: str, records: list[SnapshotRecord], seconds: float, *, reused_layers: int) -> str:
-    """The one line of totals a run ends with."""
-    new = [r for r in records if r.status == "new"]
-    return (
-        f"snapshot {stamp}: {len(records)} container(s) ({len(new)} new, {len(records) - len(new)} unchanged),"
-        f" {sum(r.archive_size for r in new)} new archive bytes, {reused_layers} layer(s) reused from earlier"
-        f" runs, {seconds:.1f} s"
-    )
+def output_size(path: Path) -> int:
+    """An archive's size, or the apparent size of an OCI layout directory (its blobs may be shared links)."""
+    if path.is_dir():
+        return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
-def count_reused_layers(records: list[SnapshotRecord], blob_dir: Path, run_started: float) -> int:
-    """Layer uses served by blobs packed before this run: every layer of an unchanged snapshot, and the
-    layers of new snapshots whose blob is older than the run (a shared layer packed now counts for no one)."""
-    reused = 0
+@dataclass(frozen=True)
+class RunTotals:
+    new_bytes: int  # bytes this run wrote: fresh layer blobs (each once) plus archive files that are not links
+    reused_layers: int  # layer uses served by blobs packed before this run
+
+
+def measure_run(records: list[SnapshotRecord], blob_dir: Path, run_started: float) -> RunTotals:
+    """What a run cost on disk and what it took from earlier runs; unchanged snapshots cost nothing."""
+    fresh: dict[str, int] = {}
+    reused = archive_bytes = 0
     for record in records:
-        for diff_id in record.diff_ids:
-            if record.status == "reused":
-                reused += 1
-                continue
+        if record.status == "reused":
+            reused += len(record.diff_ids)
+            continue
+        archive = Path(record.archive)
+        files = [p for p in archive.rglob("*") if p.is_file()] if archive.is_dir() else [archive]
+        archive_bytes += sum(st.st_size for st in (p.lstat() for p in files) if st.st_nlink == 1)
+        for diff_id, size in zip(record.diff_ids, record.layer_sizes, strict=True):
             try:
-                reused += (blob_dir / diff_id.removeprefix("sha256:")).stat().st_mtime < run_started
+                packed_now = (blob_dir / diff_id.removeprefix("sha256:")).stat().st_mtime >= run_started
             except FileNotFoundError:
-                continue
-    return reused
+                packed_now = False
+            if packed_now:
+                fresh[diff_id] = size
+            else:
+                reused += 1
+    return RunTotals(archive_bytes + sum(fresh.values()), reused)
+
+
+def summarize(stamp: str, records: list[SnapshotRecord], seconds: float, totals: RunTotals) -> str:
+    """The one line of totals a run ends with."""
+    new = sum(1 for r in records if r.status == "new")
+    return (
+        f"snapshot {stamp}: {len(records)} container(s) ({new} new, {len(records) - new} unchanged),"
+        f" {totals.new_bytes} new bytes written, {totals.reused_layers} layer(s) reused from earlier runs,"
+        f" {seconds:.1f} s"
+    )
 
 
 def build_run_summary(stamp: str, records: list[SnapshotRecord], seconds: float) -> bytes:

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.cache import LayerCache
-from pipeline.commit import build_manifest_bytes, build_repositories_bytes, write_commit_archive
+from pipeline.commit import build_manifest_bytes, build_repositories_bytes, write_commit_output
 from pipeline.container import Container, Layer
 from pipeline.errors import LayerError
 from pipeline.imageconfig import build_image_config, encode_json
@@ -501,7 +501,8 @@ def _write_archive(work: Path, layer_dirs: list[Path], pack: Callable[[LayerCach
     archive = work / "image.tar"
     manifest = build_manifest_bytes(config, records, _REFERENCE)
     repositories = build_repositories_bytes(config, _REFERENCE)
-    write_commit_archive(archive, cache, records, config, manifest, repositories, mtime=_CREATED)
+    docker_files = {"manifest.json": manifest, "repositories": repositories}
+    write_commit_output(archive, "both", cache, records, config, docker_files, _REFERENCE, mtime=_CREATED)
     return archive
 
 

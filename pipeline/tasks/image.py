@@ -145,7 +145,9 @@ class WriteRepositories(_CommitTask):
 
 
 class WriteImageArchive(_CommitTask):
-    """The docker-archive at output_path."""
+    """The image at output_path, in one of commit.FORMATS."""
+
+    format: str = luigi.ChoiceParameter(choices=commits.FORMATS, default="both")
 
     def requires(self) -> dict[str, luigi.Task]:
         return {
@@ -159,13 +161,14 @@ class WriteImageArchive(_CommitTask):
 
     def run(self) -> None:
         inputs = {name: Path(target.path).read_bytes() for name, target in self.input().items()}
-        commits.write_commit_archive(
+        commits.write_commit_output(
             Path(self.output_path),
+            self.format,
             LayerCache(Path(self.cache_dir)),
             self.layer_records(),
             inputs["config"],
-            inputs["manifest"],
-            inputs["repositories"],
+            {"manifest.json": inputs["manifest"], "repositories": inputs["repositories"]},
+            parse_reference(self.image),
             mtime=commits.archive_mtime(inputs["config"]),
         )
 
@@ -186,12 +189,16 @@ class CommitImage(luigi.WrapperTask):
         parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="freeze a running container while its layer is packed (--pause false to opt out)",
     )
+    format: str | None = luigi.OptionalChoiceParameter(
+        choices=commits.FORMATS, default=None, description="both (default), docker, oci or oci-dir; [commit] format"
+    )
 
     def requires(self) -> WriteImageArchive:
         settings = commit()
         engine, root = storage().engine, os.path.abspath(storage().root)
+        fmt = self.format or settings.format
         plan = commits.plan_commit(
-            open_storage(engine, Path(root)), self.id, self.image, self.output, Path(settings.output_dir)
+            open_storage(engine, Path(root)), self.id, self.image, self.output, Path(settings.output_dir), fmt
         )
         return WriteImageArchive(
             container_id=plan.container_id,
@@ -202,6 +209,7 @@ class CommitImage(luigi.WrapperTask):
             cache_dir=os.path.abspath(settings.cache_dir),
             clamp_mtime=commits.source_date_epoch(),
             pause=self.pause,
+            format=fmt,
         )
 
 

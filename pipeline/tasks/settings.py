@@ -19,6 +19,12 @@ class storage(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg sec
 class commit(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg section [commit]
     output_dir: str = luigi.Parameter(default="images", description="where archives go when --output is not given")
     cache_dir: str = luigi.Parameter(default=".cache/pipeline", description="layer cache and per-commit files")
+    format: str = luigi.ChoiceParameter(
+        choices=("both", "docker", "oci", "oci-dir"),
+        default="both",
+        description="both: docker-archive and OCI layout in one tar (docker save since Engine 25); oci-dir: a"
+        " layout directory whose layers are hardlinks into the cache",
+    )
 
 
 class StorageTask(luigi.Task):

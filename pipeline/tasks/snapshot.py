@@ -54,6 +54,7 @@ class SnapshotContainer(StorageTask):
     container_id: str = luigi.Parameter()
     stamp: str = luigi.Parameter()
     output_dir: str = luigi.Parameter()
+    format: str = luigi.ChoiceParameter(choices=commits.FORMATS, default="both")
 
     def output(self) -> DurableTarget:
         return DurableTarget(str(catalog.record_path(Path(self.output_dir), self.container_id, self.stamp)))
@@ -75,12 +76,13 @@ class SnapshotContainer(StorageTask):
         return WriteImageArchive(
             container_id=self.container_id,
             image=snapshots.snapshot_reference(container, self.stamp),
-            output_path=str(snapshots.snapshot_archive(Path(self.output_dir), container, self.stamp)),
+            output_path=str(snapshots.snapshot_archive(Path(self.output_dir), container, self.stamp, self.format)),
             engine=self.engine,
             storage_root=self.storage_root,
             cache_dir=self.cache_dir,
             clamp_mtime=self.clamp_mtime,
             pause=self.pause,
+            format=self.format,
         )
 
     def _started(self) -> float:
@@ -109,6 +111,9 @@ class SnapshotAll(luigi.Task):
     keep: int | None = luigi.OptionalIntParameter(default=None, description="snapshots kept per container")
     prune_dry_run: bool = luigi.BoolParameter(default=False, description="print what retention would delete")
     pause: bool = luigi.BoolParameter(default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    format: str | None = luigi.OptionalChoiceParameter(
+        choices=commits.FORMATS, default=None, description="image format; default [commit] format"
+    )
 
     def stamp(self) -> str:
         return snapshots.format_stamp(self.snapshot)
@@ -120,7 +125,13 @@ class SnapshotAll(luigi.Task):
             open_storage(settings["engine"], Path(settings["storage_root"])), globs, self.state
         )
         return [
-            SnapshotContainer(container_id=c.container_id, stamp=self.stamp(), pause=self.pause, **settings)
+            SnapshotContainer(
+                container_id=c.container_id,
+                stamp=self.stamp(),
+                pause=self.pause,
+                format=self.format or commit().format,
+                **settings,
+            )
             for c in selected
         ]
 
@@ -144,8 +155,8 @@ class SnapshotAll(luigi.Task):
                 retention.apply_retention(plan)
                 catalog.write_index(output_dir)
         seconds = time.time() - _PROCESS_STARTED
-        reused = snapshots.count_reused_layers(records, cache_dir / "blobs" / "sha256", _PROCESS_STARTED)
-        log.info(snapshots.summarize(self.stamp(), records, seconds, reused_layers=reused))
+        totals = snapshots.measure_run(records, cache_dir / "blobs" / "sha256", _PROCESS_STARTED)
+        log.info(snapshots.summarize(self.stamp(), records, seconds, totals))
         write_bytes_atomic(Path(self.output().path), snapshots.build_run_summary(self.stamp(), records, seconds))
 
 
