@@ -42,7 +42,7 @@ def plan_commit(
         reference = build_reference_from_name(storage.read_container(container_id).name, container_id)
     path = Path(output) if output else default_output(output_dir, reference, fmt)
     path = Path(os.path.abspath(path))
-    check_writable(path)
+    check_writable(path, fmt)
     return CommitPlan(container_id, reference, path)
 
 
@@ -52,9 +52,9 @@ def default_output(output_dir: Path, reference: Reference, fmt: str = "both") ->
     return output_dir / f"{reference.name.replace('/', '_').replace(':', '_')}_{reference.tag}{suffix}"
 
 
-def check_writable(path: Path) -> None:
+def check_writable(path: Path, fmt: str = "both") -> None:
     """Refuse an output whose directory cannot be created or written, before any layer is packed."""
-    if path.is_dir():
+    if path.is_dir() and fmt != "oci-dir":
         raise OutputError(f"{path}: is a directory; give --output a file path such as {path / 'image.tar'}")
     ancestor = path.parent
     while not ancestor.exists():

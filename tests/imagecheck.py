@@ -322,3 +322,32 @@ def _remove_podman_image(podman: list[str], env: dict[str, str], runroot: Path, 
                 subprocess.run(argv, capture_output=True, check=False, env=env)
     finally:
         shutil.rmtree(runroot, ignore_errors=True)
+
+
+def check_oci_image(image: Path, expected: TreeView, work: Path, *, tag: str, ref: str) -> None:
+    """Check an OCI archive (a tar) or OCI layout directory with skopeo, umoci and podman against `expected`.
+
+    `tag` is its org.opencontainers.image.ref.name; `ref` the name podman knows it by once loaded.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    transport = "oci" if image.is_dir() else "oci-archive"
+    inspected = json.loads(_run(["skopeo", "inspect", f"{transport}:{image}:{tag}"]))
+    if not inspected["Layers"]:
+        raise AssertionError(f"[skopeo] {transport}:{image}:{tag} has no layers")
+    layout = work / "oci"
+    _run(["skopeo", "--insecure-policy", "copy", "--quiet", f"{transport}:{image}:{tag}", f"oci:{layout}:check"])
+    _run(["umoci", "unpack", "--image", f"{layout}:check", str(work / "bundle")])
+    compare_trees(expected, read_tree(work / "bundle/rootfs"), label=f"umoci via {transport}")
+
+    podman, env, runroot = _podman(work.resolve())
+    try:
+        loaded = _run([*podman, "load", "-i", str(image)], env=env)
+        if transport == "oci":
+            # podman 4 names an image loaded from a layout directory after the directory, not its annotations.
+            ref = loaded.rpartition("Loaded image: ")[2].strip() or ref
+        mounted = Path(_run([*podman, "image", "mount", ref], env=env).strip())
+        compare_trees(expected, read_tree(mounted), label=f"podman via {transport}")
+    except BaseException:
+        _remove_podman_image(podman, env, runroot, ref, strict=False)
+        raise
+    _remove_podman_image(podman, env, runroot, ref, strict=True)

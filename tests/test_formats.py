@@ -1,0 +1,55 @@
+"""Every output format, checked by real consumers against the container's merged view."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.cli import commit_args, run_luigi
+from tests.conftest import needs_tools
+from tests.imagecheck import check_image_archive, check_oci_image
+from tests.overlay_storage import RockerStorage, build_rocker_storage, requires_root_reason
+
+needs_overlay = pytest.mark.skipif(requires_root_reason() is not None, reason=str(requires_root_reason()))
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> RockerStorage:
+    return build_rocker_storage(tmp_path_factory.mktemp("formats") / "rocker")
+
+
+def _commit(storage: RockerStorage, work: Path, fmt: str, output: Path) -> None:
+    args = commit_args(storage.root, work, "--id", storage.container_id, "--image", "web:fmt", "--output", str(output))
+    result = run_luigi(*args, "--format", fmt)
+    assert result.returncode == 0, result.stderr
+
+
+@needs_overlay
+@needs_tools
+def test_default_archive_is_both_a_docker_archive_and_an_oci_archive(storage: RockerStorage, tmp_path: Path) -> None:
+    archive = tmp_path / "both.tar"
+    _commit(storage, tmp_path, "both", archive)
+    check_image_archive(archive, storage.merged, tmp_path / "as-docker", ref="web:fmt")
+    check_oci_image(archive, storage.merged, tmp_path / "as-oci", tag="fmt", ref="docker.io/library/web:fmt")
+
+
+@needs_overlay
+@needs_tools
+def test_oci_archive_alone_loads_everywhere(storage: RockerStorage, tmp_path: Path) -> None:
+    archive = tmp_path / "oci.tar"
+    _commit(storage, tmp_path, "oci", archive)
+    check_oci_image(archive, storage.merged, tmp_path / "check", tag="fmt", ref="docker.io/library/web:fmt")
+
+
+@needs_overlay
+@needs_tools
+def test_oci_dir_hardlinks_cached_layers_instead_of_copying(storage: RockerStorage, tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    _commit(storage, tmp_path, "oci-dir", layout)
+    cache_blobs = {p.name: p.stat().st_ino for p in (tmp_path / "cache" / "blobs" / "sha256").iterdir()}
+    layer_blobs = [p for p in (layout / "blobs" / "sha256").iterdir() if p.name in cache_blobs]
+    assert len(layer_blobs) == len(storage.layer_ids)
+    assert all(p.stat().st_ino == cache_blobs[p.name] for p in layer_blobs)
+    check_oci_image(layout, storage.merged, tmp_path / "check", tag="fmt", ref="docker.io/library/web:fmt")
+    assert not [p for p in tmp_path.rglob("*") if ".partial-" in p.name]
+    assert os.path.isfile(layout / "oci-layout") and os.path.isfile(layout / "index.json")
