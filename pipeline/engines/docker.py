@@ -71,7 +71,7 @@ class DockerStorage:
                 f"{path}: container {container_id} uses the storage driver {driver!r}; only overlay2 is supported"
                 " (the containerd image store keeps layers elsewhere)"
             )
-        state, config = doc.get("State") or {}, doc.get("Config") or {}
+        state, config = doc.get("State", {}), doc.get("Config", {})
         if not isinstance(state, dict) or not isinstance(config, dict):
             raise StorageError(f"{path}: 'State' and 'Config' must be objects; the container's metadata is corrupt")
         image_config = {}

@@ -195,7 +195,7 @@ class CommitImage(luigi.WrapperTask):
 
     def requires(self) -> WriteImageArchive:
         settings = commit()
-        engine, root = storage().engine, os.path.abspath(storage().root)
+        engine, root = storage().engine, storage().storage_root()
         fmt = self.format or settings.format
         plan = commits.plan_commit(
             open_storage(engine, Path(root)), self.id, self.image, self.output, Path(settings.output_dir), fmt

@@ -1,5 +1,6 @@
 """luigi.cfg sections ([storage], [commit], [snapshot]) and the durable file target every task writes."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -8,12 +9,20 @@ import luigi
 
 from pipeline.atomic import atomic_path
 from pipeline.container import Storage
-from pipeline.engines import open_storage
+from pipeline.engines import default_root, open_storage
 
 
 class storage(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg section [storage]
     engine: str = luigi.Parameter(default="rocker", description="container engine whose storage is read")
-    root: str = luigi.Parameter(default="/var/lib/rocker", description="root of the engine's storage")
+    root: str = luigi.Parameter(
+        default="",
+        description="root of the engine's storage; default the engine's own (/var/lib/rocker,"
+        " /var/lib/containers/storage, /var/lib/docker)",
+    )
+
+    def storage_root(self) -> str:
+        """The configured root, or the engine's default, as an absolute path."""
+        return os.path.abspath(self.root or default_root(self.engine))
 
 
 class commit(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg section [commit]

@@ -41,7 +41,7 @@ def _settings() -> dict[str, Any]:
     """Parameters every snapshot task passes down, absolute so task ids do not depend on the cwd."""
     return {
         "engine": storage().engine,
-        "storage_root": os.path.abspath(storage().root),
+        "storage_root": storage().storage_root(),
         "cache_dir": os.path.abspath(commit().cache_dir),
         "output_dir": os.path.abspath(commit().output_dir),
         "clamp_mtime": commits.source_date_epoch(),
