@@ -2,15 +2,17 @@
 
 import sys
 
-from pipeline import catalog, demo, freezer
+from pipeline import catalog, cli, demo, freezer
 
-COMMANDS = {"demo": demo.main, "snapshots": catalog.main, "thaw": freezer.main}
+COMMANDS = {"demo": demo.main, "run": cli.main, "snapshots": catalog.main, "thaw": freezer.main}
 
 
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(
-            "usage: python -m pipeline {demo [DIR] | snapshots [OUTPUT_DIR] | thaw CACHE_DIR/freezer}", file=sys.stderr
+            "usage: python -m pipeline {demo [DIR] | run TASK [FLAGS] | snapshots [OUTPUT_DIR]"
+            " | thaw CACHE_DIR/freezer}",
+            file=sys.stderr,
         )
         return 2
     return COMMANDS[sys.argv[1]](sys.argv[2:])

@@ -116,6 +116,11 @@ def write_layer(
         root_fd = os.open(layer_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as e:
         raise LayerError(f"{layer_dir}: cannot open layer directory ({e.strerror})") from e
+    try:
+        whiteout.check_markers_visible(layer_dir)
+    except BaseException:
+        os.close(root_fd)
+        raise
     sink = _HashingSink(out)
     hardlinks: dict[tuple[int, int], bytes] = {}
     try:

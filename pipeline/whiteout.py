@@ -4,7 +4,9 @@ Spec: https://github.com/opencontainers/image-spec/blob/main/layer.md#whiteouts 
 Documentation/filesystems/overlayfs.rst ("whiteouts and opaque directories", "redirect_dir", "metacopy").
 """
 
+import os
 import stat
+from pathlib import Path
 
 from pipeline.errors import LayerError
 
@@ -69,3 +71,33 @@ def kept_xattrs(xattrs: dict[str, bytes]) -> dict[str, bytes]:
         for name, value in xattrs.items()
         if not name.startswith(OVERLAY_XATTR_PREFIXES) and (name == "security.capability" or name.startswith("user."))
     }
+
+
+_CAP_SYS_ADMIN = 21  # include/uapi/linux/capability.h
+
+
+def check_markers_visible(layer_dir: Path) -> None:
+    """Refuse to pack when trusted.overlay.* xattrs would be invisible, since opaque directories would be lost.
+
+    The kernel hides the trusted.* namespace from processes without CAP_SYS_ADMIN: listxattr simply omits it,
+    so without this check a commit would succeed and deleted lower files would come back. A layer an
+    unprivileged user owns is rootless storage, whose markers are user.overlay.* and always visible.
+    """
+    euid = os.geteuid()
+    if _has_capability(_CAP_SYS_ADMIN) or (euid != 0 and layer_dir.stat().st_uid == euid):
+        return
+    raise LayerError(
+        f"{layer_dir}: this process lacks CAP_SYS_ADMIN, so the layer's trusted.overlay.* markers (opaque"
+        " directories) are invisible and the image would resurrect deleted files; run as root with CAP_SYS_ADMIN"
+    )
+
+
+def _has_capability(bit: int) -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except OSError:
+        pass
+    return os.geteuid() == 0

@@ -90,6 +90,24 @@ def test_unreadable_file_is_refused_naming_it(storage: tuple[Path, str], tmp_pat
     assert tree_fingerprint(root) == before
 
 
+@needs_root
+def test_commit_without_cap_sys_admin_is_refused_rather_than_losing_opaque_dirs(
+    storage: tuple[Path, str], tmp_path: Path
+) -> None:
+    root, cid = storage
+    # Without CAP_SYS_ADMIN the kernel silently hides trusted.overlay.opaque from listxattr.
+    command = [
+        "setpriv", "--bounding-set", "-sys_admin",
+        sys.executable, "-m", "luigi", "--module", "pipeline",
+        *commit_args(root, tmp_path, "--id", cid), "--local-scheduler",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    lines = error_lines(result)
+    assert lines and all("lacks CAP_SYS_ADMIN" in line and "/overlay2/" in line for line in lines), lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_file_growing_throughout_packing_fails_after_one_retry(tmp_path: Path) -> None:
     layer = tmp_path / "layer"
     layer.mkdir()

@@ -21,10 +21,10 @@ from pipeline.cache import LayerCache
 from pipeline.engines import open_storage
 from pipeline.layer import LayerRecord, encode_record, read_record
 from pipeline.reference import parse_reference
-from pipeline.tasks.settings import DurableTarget, StorageTask, commit, storage
+from pipeline.tasks.settings import DurableTarget, HostTask, StorageTask, commit, storage
 
 
-class _LayerTask(luigi.Task):
+class _LayerTask(HostTask):
     """Packs one layer_dir into the cache; its target is the layer's record (diff_id, size)."""
 
     layer_dir: str = luigi.Parameter()
@@ -81,7 +81,9 @@ class _CommitTask(StorageTask):
     def layer_tasks(self) -> list[_LayerTask]:
         container = self.open_storage().read_container(self.container_id)
         tasks: list[_LayerTask] = [
-            PackImageLayer(layer_dir=str(layer.layer_dir), cache_dir=self.cache_dir, clamp_mtime=self.clamp_mtime)
+            PackImageLayer(
+                layer_dir=str(layer.layer_dir), cache_dir=self.cache_dir, clamp_mtime=self.clamp_mtime, host=self.host
+            )
             for layer in container.lower_layers
         ]
         tasks.append(self.clone(PackContainerLayer, layer_dir=str(container.layer.layer_dir)))
@@ -173,7 +175,7 @@ class WriteImageArchive(_CommitTask):
         )
 
 
-class CommitImage(luigi.WrapperTask):
+class CommitImage(HostTask, luigi.WrapperTask):
     """Entry point: `luigi --module pipeline CommitImage --id ID [--image NAME[:TAG]] [--output PATH]`."""
 
     id: str = luigi.Parameter(description="container id, unique id prefix, or name")
@@ -201,6 +203,7 @@ class CommitImage(luigi.WrapperTask):
             open_storage(engine, Path(root)), self.id, self.image, self.output, Path(settings.output_dir), fmt
         )
         return WriteImageArchive(
+            host=self.host,
             container_id=plan.container_id,
             image=str(plan.reference),
             output_path=str(plan.output),

@@ -1,6 +1,7 @@
 """luigi.cfg sections ([storage], [commit], [snapshot]) and the durable file target every task writes."""
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +37,14 @@ class commit(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg sect
     )
 
 
-class StorageTask(luigi.Task):
+class HostTask(luigi.Task):
+    """A task whose inputs and outputs are this host's files. The host is part of the task id, so one luigid
+    serving many hosts never takes one host's finished task for another's (their paths may well be equal)."""
+
+    host: str = luigi.Parameter(default=socket.gethostname(), description="the host whose files this task uses")
+
+
+class StorageTask(HostTask):
     """Parameters of every task that reads a container storage; all absolute, so task ids do not depend on the
     cwd."""
 

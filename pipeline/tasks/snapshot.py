@@ -20,7 +20,7 @@ from pipeline.atomic import write_bytes_atomic
 from pipeline.catalog import SnapshotRecord
 from pipeline.engines import open_storage
 from pipeline.tasks.image import WriteImageArchive
-from pipeline.tasks.settings import DurableTarget, StorageTask, batch, commit, storage
+from pipeline.tasks.settings import DurableTarget, HostTask, StorageTask, batch, commit, storage
 
 log = luigi.task.logger
 
@@ -74,6 +74,7 @@ class SnapshotContainer(StorageTask):
 
     def _archive_task(self, container: Any) -> WriteImageArchive:
         return WriteImageArchive(
+            host=self.host,
             container_id=self.container_id,
             image=snapshots.snapshot_reference(container, self.stamp),
             output_path=str(snapshots.snapshot_archive(Path(self.output_dir), container, self.stamp, self.format)),
@@ -99,7 +100,7 @@ def _read_commit(archive: WriteImageArchive) -> snapshots.CommitResult:
     return snapshots.CommitResult(Path(archive.output_path), config, archive.layer_records())
 
 
-class SnapshotAll(luigi.Task):
+class SnapshotAll(HostTask):
     """`luigi --module pipeline SnapshotAll [--snapshot STAMP] [--containers GLOB,...] [--state S] [--keep N]`."""
 
     snapshot: datetime = SnapshotParameter(
@@ -126,6 +127,7 @@ class SnapshotAll(luigi.Task):
         )
         return [
             SnapshotContainer(
+                host=self.host,
                 container_id=c.container_id,
                 stamp=self.stamp(),
                 pause=self.pause,
