@@ -9,14 +9,16 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pipeline import freezer, ocilayout
 from pipeline.archive import Member, archive_size, write_image_archive
 from pipeline.atomic import atomic_path, make_dirs, no_space_error
 from pipeline.cache import LayerCache
 from pipeline.container import Container, Storage, resolve_container
+from pipeline.dockerfile import apply_changes
 from pipeline.errors import OutputError, PipelineError
-from pipeline.imageconfig import build_image_config, digest_of, encode_json
+from pipeline.imageconfig import CommitOptions, build_image_config, digest_of, encode_json
 from pipeline.layer import LayerRecord, scan_layer
 from pipeline.manifest import blob_name, build_manifest, build_repositories
 from pipeline.reference import Reference, build_reference_from_name, parse_reference
@@ -73,7 +75,13 @@ def source_date_epoch() -> int | None:
     return int(text)
 
 
-def build_config_bytes(storage: Storage, container_id: str, records: list[LayerRecord], epoch: int | None) -> bytes:
+def build_config_bytes(
+    storage: Storage,
+    container_id: str,
+    records: list[LayerRecord],
+    epoch: int | None,
+    options: CommitOptions | None = None,
+) -> bytes:
     """The image config for container with these layers, as canonical JSON."""
     container = storage.read_container(container_id)
     config = build_image_config(
@@ -81,8 +89,29 @@ def build_config_bytes(storage: Storage, container_id: str, records: list[LayerR
         storage.read_base_config(container),
         [r.diff_id for r in records],
         created=int(time.time()) if epoch is None else epoch,
+        options=options,
     )
     return encode_json(config)
+
+
+def check_options(changes: tuple[str, ...], config_file: str) -> None:
+    """Raise the error a bad --change or --config would cause later, now."""
+    apply_changes(read_config_file(config_file), list(changes))
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """--config FILE: image-config "config" keys (Cmd, Env, ...), or a whole image config holding them."""
+    if not path:
+        return {}
+    try:
+        doc = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"--config {path}: cannot read it as JSON ({e}); fix the file") from e
+    if isinstance(doc, dict) and isinstance(doc.get("config"), dict):
+        doc = doc["config"]
+    if not isinstance(doc, dict):
+        raise PipelineError(f"--config {path}: must be a JSON object of image config keys such as Cmd and Env")
+    return doc
 
 
 def build_manifest_bytes(config: bytes, records: list[LayerRecord], reference: Reference) -> bytes:

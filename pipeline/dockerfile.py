@@ -10,14 +10,10 @@ import re
 import shlex
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import InvalidChange
 
 INSTRUCTIONS = ("CMD", "ENTRYPOINT", "ENV", "EXPOSE", "LABEL", "ONBUILD", "USER", "VOLUME", "WORKDIR", "STOPSIGNAL")
 _PORT = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?(?:/(tcp|udp|sctp))?")
-
-
-class InvalidChange(PipelineError):
-    """A --change instruction is not one docker commit accepts, or is malformed."""
 
 
 def apply_changes(config: dict[str, Any], changes: list[str]) -> dict[str, Any]:

@@ -27,3 +27,7 @@ class SourceChanged(LayerError):
 
 class OutputError(PipelineError):
     """An output or cache path cannot be written."""
+
+
+class InvalidChange(PipelineError):
+    """A --change instruction is not one docker commit accepts, or is malformed."""

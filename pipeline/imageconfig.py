@@ -6,10 +6,12 @@ Spec: https://github.com/opencontainers/image-spec/blob/main/config.md and moby'
 import hashlib
 import json
 import platform
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.container import Container
+from pipeline.dockerfile import apply_changes
 
 # Go's GOARCH names, which image configs use, for what the kernel reports.
 _GOARCH = {
@@ -46,27 +48,66 @@ def format_created(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@dataclass(frozen=True)
+class CommitOptions:
+    """docker commit's metadata options: --author, --message, --change (in order), --config, --squash."""
+
+    author: str = ""
+    message: str = ""
+    changes: tuple[str, ...] = ()
+    extra_config: dict[str, Any] = field(default_factory=dict)  # image-config "config" keys from --config FILE
+    squash: bool = False
+
+
 def build_image_config(
     container: Container,
     base: dict[str, Any] | None,
     diff_ids: list[str],
     *,
     created: int,
+    options: CommitOptions | None = None,
 ) -> dict[str, Any]:
-    """The config of the image committed from container: base image settings, then the container's own."""
+    """The config of the committed image: the base image's settings, the container's own, then --config and
+    --change, in that order (later wins), as docker commit applies them."""
+    options = options or CommitOptions()
     base = base or {}
     base_config = base.get("config") if isinstance(base.get("config"), dict) else {}
-    config = {**(base_config or {}), **container.config}
+    config = merge_config({**(base_config or {}), **container.config}, options.extra_config)
+    config = apply_changes(config, list(options.changes))
     created_text = format_created(created)
-    return {
+    history = _build_history(container, base, created_text)
+    if options.squash:
+        history = [{"created": created_text, "created_by": f"{history[-1]['created_by']}, squashed"}]
+    if options.author:
+        history[-1]["author"] = options.author
+    if options.message:
+        history[-1]["comment"] = options.message
+    image: dict[str, Any] = {
         "architecture": base.get("architecture") or host_architecture(),
         "os": base.get("os") or "linux",
         "created": created_text,
         "container": container.container_id,
         "config": config,
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
-        "history": _build_history(container, base, created_text),
+        "history": history,
     }
+    if options.author:
+        image["author"] = options.author
+    return image
+
+
+def merge_config(config: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """config with extra's keys over it; Env is merged by variable name and maps (Labels, ExposedPorts,
+    Volumes) key by key, so a config file adds to what the image has instead of replacing it."""
+    merged = {**config, **extra}
+    for key, value in extra.items():
+        old = config.get(key)
+        if key == "Env" and isinstance(old, list) and isinstance(value, list):
+            env = {item.partition("=")[0]: item for item in old + value}
+            merged[key] = list(env.values())
+        elif isinstance(old, dict) and isinstance(value, dict):
+            merged[key] = {**old, **value}
+    return merged
 
 
 def _build_history(container: Container, base: dict[str, Any], created: str) -> list[dict[str, Any]]:

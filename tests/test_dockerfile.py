@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.dockerfile import InvalidChange, apply_changes
+from pipeline.dockerfile import apply_changes
+from pipeline.errors import InvalidChange
 
 BASE = {"Env": ["PATH=/bin", "A=1"], "Cmd": ["sh"], "WorkingDir": "/srv", "Labels": {"old": "x"}}
 

@@ -15,13 +15,14 @@ from typing import Any
 import luigi
 
 from pipeline import commit as commits
-from pipeline import failpoint
+from pipeline import failpoint, squash
 from pipeline.atomic import write_bytes_atomic
 from pipeline.cache import LayerCache
 from pipeline.engines import open_storage
+from pipeline.imageconfig import CommitOptions, digest_of
 from pipeline.layer import LayerRecord, encode_record, read_record
 from pipeline.reference import parse_reference
-from pipeline.tasks.settings import DurableTarget, HostTask, StorageTask, commit, storage
+from pipeline.tasks.settings import DurableTarget, HostTask, RepeatableParameter, StorageTask, commit, storage
 
 
 class _LayerTask(HostTask):
@@ -38,9 +39,7 @@ class _LayerTask(HostTask):
                 return
             with self.pausing():
                 failpoint.reached(f"pack:{self.task_family}")
-                record = commits.pack_scanned_layer(
-                    cache, Path(self.layer_dir), clamp_mtime=self.clamp_mtime, report=_Progress(self)
-                )
+                record = self.pack(cache)
             with self.output().temporary_path() as temp:
                 Path(temp).write_bytes(encode_record(record))
         failpoint.reached("task:layer-done")
@@ -48,6 +47,11 @@ class _LayerTask(HostTask):
     def pausing(self) -> AbstractContextManager[object]:
         """What keeps the layer still while it is packed; image layers are immutable and need nothing."""
         return nullcontext()
+
+    def pack(self, cache: LayerCache) -> LayerRecord:
+        return commits.pack_scanned_layer(
+            cache, Path(self.layer_dir), clamp_mtime=self.clamp_mtime, report=_Progress(self)
+        )
 
     def complete(self) -> bool:
         # The record alone is not enough: a blob deleted, truncated or altered since must be packed again.
@@ -73,10 +77,25 @@ class _CommitTask(StorageTask):
     container_id: str = luigi.Parameter()
     image: str = luigi.Parameter()
     output_path: str = luigi.Parameter()
+    author: str = luigi.Parameter(default="")
+    message: str = luigi.Parameter(default="")
+    changes: tuple[str, ...] = luigi.ListParameter(default=())
+    config_file: str = luigi.Parameter(default="")
+    squash: bool = luigi.BoolParameter(default=False)
 
     def commit_dir(self) -> str:
-        key = _key(self.container_id, self.image, self.output_path, self.engine, self.storage_root, self.clamp_mtime)
-        return os.path.join(self.cache_dir, "commits", key)
+        # Every significant parameter but the host names the commit, so options never share its files.
+        params = sorted(self.to_str_params(only_significant=True).items())
+        return os.path.join(self.cache_dir, "commits", _key(*(p for p in params if p[0] != "host")))
+
+    def options(self) -> CommitOptions:
+        return CommitOptions(
+            author=self.author,
+            message=self.message,
+            changes=tuple(self.changes),
+            extra_config=commits.read_config_file(self.config_file),
+            squash=self.squash,
+        )
 
     def layer_tasks(self) -> list[_LayerTask]:
         container = self.open_storage().read_container(self.container_id)
@@ -86,6 +105,8 @@ class _CommitTask(StorageTask):
             )
             for layer in container.lower_layers
         ]
+        if self.squash:
+            return [self.clone(PackSquashedLayer, layer_dir=str(container.layer.layer_dir))]
         tasks.append(self.clone(PackContainerLayer, layer_dir=str(container.layer.layer_dir)))
         return tasks
 
@@ -107,6 +128,18 @@ class PackContainerLayer(_LayerTask, _CommitTask):
         return DurableTarget(os.path.join(self.commit_dir(), "layer.json"))
 
 
+class PackSquashedLayer(PackContainerLayer):
+    """--squash: every layer of the container merged into one (by the kernel), packed once per commit."""
+
+    def output(self) -> DurableTarget:
+        return DurableTarget(os.path.join(self.commit_dir(), "squashed.json"))
+
+    def pack(self, cache: LayerCache) -> LayerRecord:
+        container = self.open_storage().read_container(self.container_id)
+        layer_dirs = [layer.layer_dir for layer in (*container.lower_layers, container.layer)]
+        return squash.pack_squashed(layer_dirs, Path(self.cache_dir), clamp_mtime=self.clamp_mtime)
+
+
 class WriteImageConfig(_CommitTask):
     def requires(self) -> list[_LayerTask]:
         return self.layer_tasks()
@@ -116,7 +149,9 @@ class WriteImageConfig(_CommitTask):
 
     def run(self) -> None:
         records = self.layer_records()
-        data = commits.build_config_bytes(self.open_storage(), self.container_id, records, self.clamp_mtime)
+        data = commits.build_config_bytes(
+            self.open_storage(), self.container_id, records, self.clamp_mtime, self.options()
+        )
         write_bytes_atomic(Path(self.output().path), data)
 
 
@@ -175,6 +210,21 @@ class WriteImageArchive(_CommitTask):
         )
 
 
+class WriteIidFile(_CommitTask):
+    """--iidfile: the image id (sha256 of the config), as docker commit --iidfile writes it."""
+
+    iidfile: str = luigi.Parameter()
+
+    def requires(self) -> WriteImageConfig:
+        return WriteImageConfig(**self.common())
+
+    def output(self) -> DurableTarget:
+        return DurableTarget(self.iidfile)
+
+    def run(self) -> None:
+        write_bytes_atomic(Path(self.iidfile), digest_of(Path(self.input().path).read_bytes()).encode())
+
+
 class CommitImage(HostTask, luigi.WrapperTask):
     """Entry point: `luigi --module pipeline CommitImage --id ID [--image NAME[:TAG]] [--output PATH]`."""
 
@@ -195,14 +245,24 @@ class CommitImage(HostTask, luigi.WrapperTask):
         choices=commits.FORMATS, default=None, description="both (default), docker, oci or oci-dir; [commit] format"
     )
 
-    def requires(self) -> WriteImageArchive:
+    author: str = luigi.Parameter(default="", description="the image's author (docker commit --author)")
+    message: str = luigi.Parameter(default="", description="a comment for the commit (docker commit --message)")
+    change: tuple[str, ...] = RepeatableParameter(
+        default=(), description="a Dockerfile instruction to apply (CMD, ENV, EXPOSE, ...); repeatable"
+    )
+    config: str = luigi.Parameter(default="", description="a JSON file of image config keys to merge in")
+    squash: bool = luigi.BoolParameter(default=False, description="commit all layers as one")
+    iidfile: str = luigi.Parameter(default="", description="write the image id (config digest) to this file")
+
+    def requires(self) -> list[luigi.Task]:
         settings = commit()
         engine, root = storage().engine, storage().storage_root()
+        commits.check_options(self.change, self.config)  # refuse bad options before any layer is packed
         fmt = self.format or settings.format
         plan = commits.plan_commit(
             open_storage(engine, Path(root)), self.id, self.image, self.output, Path(settings.output_dir), fmt
         )
-        return WriteImageArchive(
+        archive = WriteImageArchive(
             host=self.host,
             container_id=plan.container_id,
             image=str(plan.reference),
@@ -213,7 +273,15 @@ class CommitImage(HostTask, luigi.WrapperTask):
             clamp_mtime=commits.source_date_epoch(),
             pause=self.pause,
             format=fmt,
+            author=self.author,
+            message=self.message,
+            changes=self.change,
+            config_file=os.path.abspath(self.config) if self.config else "",
+            squash=self.squash,
         )
+        if self.iidfile:
+            return [archive, WriteIidFile(iidfile=os.path.abspath(self.iidfile), **archive.common())]
+        return [archive]
 
 
 class _Progress:

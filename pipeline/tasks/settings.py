@@ -5,6 +5,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import luigi
 
@@ -87,3 +88,18 @@ class batch(luigi.Config):  # noqa: N801 - flags --batch-*; values also read fro
         config_path={"section": "snapshot", "name": "gc_grace_minutes"},
         description="cache entries younger than this are never garbage-collected (commits in flight)",
     )
+
+
+class RepeatableParameter(luigi.ListParameter):
+    """A list parameter given by repeating its flag (`--change 'ENV A=1' --change 'EXPOSE 80'`), as docker's
+    flags are; a JSON list (`--change '["ENV A=1"]'`) and config values still work."""
+
+    def _parser_kwargs(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]  # as BoolParameter does
+        parser_kwargs: dict[str, Any] = super()._parser_kwargs(*args, **kwargs)
+        parser_kwargs["action"] = "append"
+        return parser_kwargs
+
+    def parse(self, x: Any) -> Any:
+        if isinstance(x, list):  # repeated flags: each one is an item, not JSON
+            return tuple(x)
+        return super().parse(x)

@@ -1,0 +1,58 @@
+"""Squashes a container's layers into one: the kernel merges them in a read-only overlay mount, and the merged
+view is packed as a single layer, so whiteouts and opaque directories are resolved by overlayfs itself.
+
+The mount lives in a private mount namespace of a child process (`unshare --mount`), so it can never outlive
+the commit, even one that is killed; with lowerdirs only, overlayfs is read-only and the source is not written.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from pipeline.cache import LayerCache
+from pipeline.errors import LayerError
+from pipeline.layer import LayerRecord, encode_record, read_record
+
+# overlayfs limits the lowerdir option to one page of text; past this, mount fails with a clear error anyway.
+_MOUNT_OPTIONS_LIMIT = 4000
+
+
+def pack_squashed(layer_dirs: list[Path], cache_root: Path, *, clamp_mtime: int | None) -> LayerRecord:
+    """Pack the merged view of layer_dirs (oldest first) into the cache as one layer."""
+    lowers = ":".join(_escape(d) for d in reversed(layer_dirs))  # the kernel wants the top layer first
+    if len(lowers) > _MOUNT_OPTIONS_LIMIT:
+        raise LayerError(f"{layer_dirs[-1]}: too many layers to squash in one overlay mount; commit without --squash")
+    command = ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", _CHILD]
+    request = json.dumps({"lowers": lowers, "cache": str(cache_root), "clamp": clamp_mtime})
+    result = subprocess.run(command, input=request, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LayerError(f"{layer_dirs[-1]}: squashing failed ({reason}); commit without --squash")
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(result.stdout.encode())
+        f.flush()
+        return read_record(Path(f.name))
+
+
+def _escape(path: Path) -> str:
+    # ':' and ',' separate overlay options; a backslash escapes them.
+    return str(path).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+_CHILD = "from pipeline.squash import pack_in_namespace; pack_in_namespace()"
+
+
+def pack_in_namespace() -> None:
+    """In the new mount namespace: mount the merged view read-only, pack it, print its record."""
+    request = json.loads(sys.stdin.read())
+    with tempfile.TemporaryDirectory(prefix="pipeline-squash-") as merged:
+        options = f"lowerdir={request['lowers']}"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, merged], check=True)
+        try:
+            record = LayerCache(Path(request["cache"])).pack_layer(Path(merged), clamp_mtime=request["clamp"])
+        finally:
+            subprocess.run(["umount", merged], check=False)
+    os.write(1, encode_record(record))
