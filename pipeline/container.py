@@ -1,11 +1,12 @@
 """What every engine reader answers about a container: its layers, oldest first, and its configuration."""
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.errors import ContainerNotFound
+from pipeline.errors import ContainerNotFound, StorageError
 
 # Engines name containers by hex ids (64 chars) and users type prefixes; names add [A-Za-z0-9_.-] (docker's rule).
 _ID_OR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
@@ -85,3 +86,51 @@ def resolve_container(storage: Storage, text: str) -> str:
         )
     names = ", ".join(i[:16] for i in matches[:10])
     raise ContainerNotFound(f"container id {text!r} is ambiguous: it matches {names}; type more of the id")
+
+
+# Container config keys that mean the same in a Docker image config, with the JSON type each must have; docker
+# commit copies them from the container's config, which already holds the image's defaults merged at create time.
+IMAGE_CONFIG_TYPES: dict[str, type] = {
+    "Cmd": list,
+    "Entrypoint": list,
+    "Env": list,
+    "WorkingDir": str,
+    "User": str,
+    "Labels": dict,
+    "ExposedPorts": dict,
+    "Volumes": dict,
+    "StopSignal": str,
+    "Healthcheck": dict,
+    "OnBuild": list,
+    "Shell": list,
+}
+
+
+def pick_image_config(config: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The image-config keys of a container's config, each checked for its JSON type."""
+    picked = {}
+    for key, kind in IMAGE_CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None:
+            if not isinstance(value, kind):
+                raise StorageError(f"{where}: Config.{key} must be a JSON {kind.__name__}; fix or recreate it")
+            picked[key] = value
+    return picked
+
+
+def checked_layer_dir(layers_root: Path, layer_id: str, container_id: str, *, listed_in: Path | None = None) -> Path:
+    """<layers_root>/<layer_id>/diff, refused unless it is a directory whose real path stays inside layers_root."""
+    layer_dir = layers_root / layer_id / "diff"
+    source = f" (listed in {listed_in})" if listed_in else ""
+    real = Path(os.path.realpath(layer_dir))
+    if not real.is_relative_to(os.path.realpath(layers_root)):
+        raise StorageError(
+            f"{layer_dir}: layer of container {container_id}{source} resolves to {real}, outside the storage root;"
+            " refusing to read it"
+        )
+    if not real.is_dir():
+        raise StorageError(
+            f"{layer_dir}: layer {layer_id} of container {container_id}{source} has no diff/ directory;"
+            " the storage is incomplete or uses another storage driver than overlay"
+        )
+    return layer_dir

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.container import Container, Layer, check_id_text
+from pipeline.container import Container, Layer, check_id_text, checked_layer_dir, pick_image_config
 from pipeline.errors import ContainerNotFound, StorageError
 
 _CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
@@ -21,22 +21,6 @@ _CACHE_ID = re.compile(r"[0-9a-f]{64}(-init)?")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # layer/layer_store.go maxLayerDepth: docker refuses to stack more image layers than this.
 _MAX_DEPTH = 125
-# Container Config keys that mean the same in a Docker image config, with the JSON type each must have; docker
-# commit copies the container's whole Config, which already holds the image's defaults merged in at create time.
-_CONFIG_KEYS: dict[str, type] = {
-    "Cmd": list,
-    "Entrypoint": list,
-    "Env": list,
-    "WorkingDir": str,
-    "User": str,
-    "Labels": dict,
-    "ExposedPorts": dict,
-    "Volumes": dict,
-    "StopSignal": str,
-    "Healthcheck": dict,
-    "OnBuild": list,
-    "Shell": list,
-}
 
 
 class DockerStorage:
@@ -74,13 +58,7 @@ class DockerStorage:
         state, config = doc.get("State", {}), doc.get("Config", {})
         if not isinstance(state, dict) or not isinstance(config, dict):
             raise StorageError(f"{path}: 'State' and 'Config' must be objects; the container's metadata is corrupt")
-        image_config = {}
-        for key, kind in _CONFIG_KEYS.items():
-            value = config.get(key)
-            if value is not None:
-                if not isinstance(value, kind):
-                    raise StorageError(f"{path}: Config.{key} must be a JSON {kind.__name__}; fix or recreate it")
-                image_config[key] = value
+        image_config = pick_image_config(config, path)
         pid = state.get("Pid")
         return Container(
             container_id=container_id,
@@ -118,7 +96,7 @@ class DockerStorage:
         # ("<mount-id>-init", /etc/hosts and the like), and docker commit diffs against that, so the init layer
         # is never part of the image and is not read here.
         mount_id = _read_id(self._layerdb / "mounts" / container_id / "mount-id", _CACHE_ID, required=True)
-        return Layer(mount_id, self._layer_dir(container_id, mount_id))
+        return Layer(mount_id, checked_layer_dir(self._layers_root, mount_id, container_id))
 
     def _read_image_layers(self, container_id: str) -> list[Layer]:
         """The image layers under the container's writable layer, oldest first, by their chain ids' parent files."""
@@ -138,26 +116,12 @@ class DockerStorage:
                     " incomplete"
                 )
             cache_id = _read_id(layer_meta / "cache-id", _CACHE_ID, required=True)
-            layers.append(Layer(cache_id, self._layer_dir(container_id, cache_id, listed_in=layer_meta)))
+            layers.append(
+                Layer(cache_id, checked_layer_dir(self._layers_root, cache_id, container_id, listed_in=layer_meta))
+            )
             chain_id = _read_id(layer_meta / "parent", _DIGEST, required=False)
         layers.reverse()
         return layers
-
-    def _layer_dir(self, container_id: str, cache_id: str, listed_in: Path | None = None) -> Path:
-        layer_dir = self._layers_root / cache_id / "diff"
-        source = f" (listed in {listed_in})" if listed_in else ""
-        real = Path(os.path.realpath(layer_dir))
-        if not real.is_relative_to(os.path.realpath(self._layers_root)):
-            raise StorageError(
-                f"{layer_dir}: layer of container {container_id}{source} resolves to {real}, outside the storage root;"
-                " refusing to read it"
-            )
-        if not real.is_dir():
-            raise StorageError(
-                f"{layer_dir}: layer {cache_id} of container {container_id}{source} has no diff/ directory;"
-                " the storage is incomplete or not overlay2"
-            )
-        return layer_dir
 
 
 def _read_id(path: Path, pattern: re.Pattern[str], *, required: bool) -> str:

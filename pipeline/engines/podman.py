@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import sqlite3
@@ -19,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.container import Container, Layer, check_id_text
+from pipeline.container import Container, Layer, check_id_text, checked_layer_dir
 from pipeline.engines.boltdb import BoltFile
 from pipeline.errors import ContainerNotFound, StorageError
 
@@ -153,26 +152,11 @@ class PodmanStorage:
                     f"{layers_dir}/layers.json: layer {current} of container {container_id} is incomplete"
                     " (an interrupted pull or commit); remove and pull its image again"
                 )
-            chain.append(Layer(current, self._layer_dir(container_id, current)))
+            chain.append(Layer(current, checked_layer_dir(self._layers_root, current, container_id)))
             has_parent = record.get("parent") not in (None, "")
             current = _id_field(record, "parent", layers_dir / "layers.json", f"layer {current}") if has_parent else ""
         chain.reverse()
         return chain
-
-    def _layer_dir(self, container_id: str, layer_id: str) -> Path:
-        layer_dir = self._layers_root / layer_id / "diff"
-        real = Path(os.path.realpath(layer_dir))
-        if not real.is_relative_to(os.path.realpath(self._layers_root)):
-            raise StorageError(
-                f"{layer_dir}: layer of container {container_id} resolves to {real}, outside the storage root;"
-                " refusing to read it"
-            )
-        if not real.is_dir():
-            raise StorageError(
-                f"{layer_dir}: layer {layer_id} of container {container_id} has no diff/ directory; the storage is"
-                " incomplete or uses another driver than overlay"
-            )
-        return layer_dir
 
     def _config_key(self, image_id: str) -> str:
         """The big-data key of an image's config: its digest, as the image's manifest names it."""

@@ -9,21 +9,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.container import Container, Layer, check_id_text
+from pipeline.container import Container, Layer, check_id_text, checked_layer_dir, pick_image_config
 from pipeline.errors import StorageError
 
 _LAYER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
-# Container Config keys that mean the same in a Docker image config, with the JSON type each must have.
-_CONFIG_KEYS: dict[str, type] = {
-    "Cmd": list,
-    "Entrypoint": list,
-    "Env": list,
-    "WorkingDir": str,
-    "User": str,
-    "Labels": dict,
-    "ExposedPorts": dict,
-    "StopSignal": str,
-}
 
 
 class RockerStorage:
@@ -53,13 +42,7 @@ class RockerStorage:
         config = doc.get("Config") or {}
         if not isinstance(state, dict) or not isinstance(config, dict):
             raise StorageError(f"{path}: 'State' and 'Config' must be objects; the container's metadata is corrupt")
-        image_config = {}
-        for key, kind in _CONFIG_KEYS.items():
-            value = config.get(key)
-            if value is not None:
-                if not isinstance(value, kind):
-                    raise StorageError(f"{path}: Config.{key} must be a JSON {kind.__name__}; fix or recreate it")
-                image_config[key] = value
+        image_config = pick_image_config(config, path)
         return Container(
             container_id=container_id,
             name=str(doc.get("Name") or ""),
@@ -68,7 +51,7 @@ class RockerStorage:
             pid=int(state.get("Pid") or 0),
             image=str(config.get("Image") or ""),
             lower_layers=tuple(self._read_lower(container_id)),
-            layer=Layer(container_id, self._layer_dir(container_id, container_id)),
+            layer=Layer(container_id, checked_layer_dir(self._layers_root, container_id, container_id)),
             config=image_config,
         )
 
@@ -119,24 +102,8 @@ class RockerStorage:
                     f"{path}: entry {item!r} is not '<layer-id>/diff' inside overlay2/; the container's"
                     " lower file is malformed or points outside the storage root"
                 )
-            layers.append(Layer(layer_id, self._layer_dir(container_id, layer_id, listed_in=path)))
+            layers.append(Layer(layer_id, checked_layer_dir(self._layers_root, layer_id, container_id, listed_in=path)))
         return layers
-
-    def _layer_dir(self, container_id: str, layer_id: str, listed_in: Path | None = None) -> Path:
-        layer_dir = self._layers_root / layer_id / "diff"
-        source = f" (listed in {listed_in})" if listed_in else ""
-        real = Path(os.path.realpath(layer_dir))
-        if not real.is_relative_to(os.path.realpath(self._layers_root)):
-            raise StorageError(
-                f"{layer_dir}: layer of container {container_id}{source} resolves to {real}, outside the storage root;"
-                " refusing to read it"
-            )
-        if not real.is_dir():
-            raise StorageError(
-                f"{layer_dir}: layer {layer_id} of container {container_id}{source} has no diff/ directory;"
-                " the storage is incomplete"
-            )
-        return layer_dir
 
 
 def _read_json_object(path: Path, what: str) -> dict[str, Any]:
