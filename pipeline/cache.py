@@ -8,11 +8,13 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from pipeline import failpoint
 from pipeline.atomic import fsync_dir, make_dirs, no_space_error, partial_path, remove_abandoned_partials
 from pipeline.errors import SourceChanged
 from pipeline.layer import LayerRecord, write_layer
+from pipeline.tarsplit import TarSplitMismatch, write_layer_from_tarsplit
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +78,32 @@ class LayerCache:
         progress: Callable[[int], None] | None = None,
     ) -> LayerRecord:
         """Pack layer_dir into the cache and return its record; a file changing meanwhile gets one retry."""
+
+        def write(out: BinaryIO) -> LayerRecord:
+            return write_layer(layer_dir, out, clamp_mtime=clamp_mtime, progress=progress)
+
         try:
-            return self._pack_once(layer_dir, clamp_mtime, progress)
+            return self._store(layer_dir, write)
         except SourceChanged as e:
             log.warning("%s; packing the layer again", e)
         try:
-            return self._pack_once(layer_dir, clamp_mtime, progress)
+            return self._store(layer_dir, write)
         except SourceChanged as e:
             raise SourceChanged(f"{e} (twice); pause the container or stop writes to it, then re-run") from e
 
-    def _pack_once(
-        self, layer_dir: Path, clamp_mtime: int | None, progress: Callable[[int], None] | None
+    def reassemble_layer(self, layer_dir: Path, tar_split: Path, diff_id: str) -> LayerRecord | None:
+        """The layer's original tar rebuilt from its tar-split records and layer_dir, if it still hashes to
+        diff_id; None (with a warning) when the records or the files no longer match."""
+        try:
+            return self._store(layer_dir, lambda out: write_layer_from_tarsplit(layer_dir, tar_split, out), diff_id)
+        except TarSplitMismatch as e:
+            log.warning("%s; packing the directory instead (the layer gets a new diff_id)", e)
+            return None
+
+    def _store(
+        self, layer_dir: Path, write: Callable[[BinaryIO], LayerRecord], expected: str | None = None
     ) -> LayerRecord:
+        """Write a layer blob through a temporary file, named by its digest once complete and fsync'd."""
         blob_dir = self.root / "blobs" / "sha256"
         make_dirs(blob_dir)
         remove_abandoned_partials(blob_dir)
@@ -95,9 +111,13 @@ class LayerCache:
         try:
             with open(temp, "wb", buffering=_BUFFER) as f:
                 failpoint.reached("pack:started")
-                record = write_layer(layer_dir, f, clamp_mtime=clamp_mtime, progress=progress)
+                record = write(f)
                 f.flush()
                 os.fsync(f.fileno())
+            if expected is not None and record.diff_id != expected:
+                raise TarSplitMismatch(
+                    f"{layer_dir}: reassembled to {record.diff_id}, not the recorded {expected}; files changed"
+                )
             failpoint.reached("pack:before-rename")
             # Same name, same content: replacing an existing blob changes nothing a reader could see.
             os.replace(temp, self.blob_path(record.diff_id))

@@ -15,7 +15,7 @@ from pipeline import freezer, ocilayout
 from pipeline.archive import Member, archive_size, write_image_archive
 from pipeline.atomic import atomic_path, make_dirs, no_space_error
 from pipeline.cache import LayerCache
-from pipeline.container import Container, Storage, resolve_container
+from pipeline.container import Container, Layer, Storage, resolve_container
 from pipeline.dockerfile import apply_changes
 from pipeline.errors import OutputError, PipelineError
 from pipeline.imageconfig import CommitOptions, build_image_config, digest_of, encode_json
@@ -200,6 +200,22 @@ def pause_while_packing(container: Container, marker_dir: Path, *, enabled: bool
     if not enabled or not container.running or container.pid <= 0:
         return nullcontext()
     return freezer.paused(container.pid, marker_dir, label=f"{container.name.lstrip('/')} ({container.short_id})")
+
+
+def pack_image_layer(
+    cache: LayerCache,
+    layer: Layer,
+    *,
+    clamp_mtime: int | None,
+    report: Callable[[int, int], None],
+) -> LayerRecord:
+    """An image layer's blob: its original tar reassembled from tar-split when the engine kept one (so the
+    image shares the base layer's diff_id and registries deduplicate it), else the directory packed."""
+    if layer.tar_split is not None and layer.diff_id:
+        record = cache.reassemble_layer(layer.layer_dir, layer.tar_split, layer.diff_id)
+        if record is not None:
+            return record
+    return pack_scanned_layer(cache, layer.layer_dir, clamp_mtime=clamp_mtime, report=report)
 
 
 def pack_scanned_layer(

@@ -14,10 +14,16 @@ _ID_OR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
 
 @dataclass(frozen=True)
 class Layer:
-    """One overlay layer: its id in the engine's storage and its layer_dir (a diff/ directory)."""
+    """One overlay layer: its id in the engine's storage and its layer_dir (a diff/ directory).
+
+    Engines that kept the layer's original tar as tar-split records name them, with the diff_id the original
+    had, so the layer can be reassembled byte for byte instead of re-packed.
+    """
 
     layer_id: str
     layer_dir: Path
+    tar_split: Path | None = None
+    diff_id: str = ""
 
 
 @dataclass(frozen=True)

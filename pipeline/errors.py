@@ -31,3 +31,7 @@ class OutputError(PipelineError):
 
 class InvalidChange(PipelineError):
     """A --change instruction is not one docker commit accepts, or is malformed."""
+
+
+class RegistryError(PipelineError):
+    """A registry refused a push or a check, or could not be reached."""

@@ -42,7 +42,7 @@ class LayerRecord:
         return self.diff_id.removeprefix("sha256:")
 
 
-class _HashingSink:
+class HashingSink:
     """Forwards writes to a file while hashing and counting them."""
 
     def __init__(self, out: BinaryIO) -> None:
@@ -121,7 +121,7 @@ def write_layer(
     except BaseException:
         os.close(root_fd)
         raise
-    sink = _HashingSink(out)
+    sink = HashingSink(out)
     hardlinks: dict[tuple[int, int], bytes] = {}
     try:
         for parent_fd, prefix, entry in _walk(root_fd, layer_dir):
@@ -205,7 +205,7 @@ def _open_at(dir_fd: int, name: bytes, flags: int, layer_dir: Path, prefix: byte
 
 
 def _write_entry(
-    sink: _HashingSink,
+    sink: HashingSink,
     fd: int,
     prefix: bytes,
     entry: _Entry,
@@ -256,7 +256,7 @@ def _write_entry(
 
 
 def _write_file(
-    sink: _HashingSink,
+    sink: HashingSink,
     dir_fd: int,
     prefix: bytes,
     entry: _Entry,
@@ -291,7 +291,7 @@ def _write_file(
     sink.write(tarheader.padding(size))
 
 
-def _copy_range(sink: _HashingSink, f: BinaryIO, count: int, what: str) -> None:
+def _copy_range(sink: HashingSink, f: BinaryIO, count: int, what: str) -> None:
     buf = memoryview(bytearray(min(_CHUNK, max(count, 1))))
     while count:
         n = f.readinto(buf[: min(count, len(buf))])  # type: ignore[attr-defined]
@@ -301,7 +301,7 @@ def _copy_range(sink: _HashingSink, f: BinaryIO, count: int, what: str) -> None:
         count -= n
 
 
-def _copy_sparse(sink: _HashingSink, f: BinaryIO, fd: int, size: int, what: str) -> None:
+def _copy_sparse(sink: HashingSink, f: BinaryIO, fd: int, size: int, what: str) -> None:
     # SEEK_DATA/SEEK_HOLE skip the holes: they cost hashing of zeros, never disk reads.
     pos = 0
     while pos < size:

@@ -7,7 +7,7 @@ from pipeline.errors import PipelineError
 
 # luigi logs failures of complete()/requires() as preformatted traceback text, whose last line names the error.
 _TRACEBACK_TAIL = re.compile(
-    r"Traceback \(most recent call last\):.*\npipeline\.errors\.\w+: (?P<message>[^\n]*)\s*$", re.S
+    r"Traceback \(most recent call last\):.*\npipeline(?:\.\w+)+: (?P<message>[^\n]*)\s*$", re.S
 )
 
 

@@ -97,7 +97,6 @@ def test_config_equals_what_podman_commit_writes(podman: RealPodmanStorage, tmp_
 
 @needs_overlay
 @needs_podman
-@pytest.mark.xfail(strict=True, reason="needs tar-split reassembly (issue 6 part 3)")
 def test_base_layer_diff_id_equals_podmans(podman: RealPodmanStorage, tmp_path: Path) -> None:
     ours = _config(_commit(podman, tmp_path, "web"))["rootfs"]["diff_ids"]
     theirs = _config(podman.podman_archive)["rootfs"]["diff_ids"]

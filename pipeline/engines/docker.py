@@ -116,9 +116,11 @@ class DockerStorage:
                     " incomplete"
                 )
             cache_id = _read_id(layer_meta / "cache-id", _CACHE_ID, required=True)
-            layers.append(
-                Layer(cache_id, checked_layer_dir(self._layers_root, cache_id, container_id, listed_in=layer_meta))
-            )
+            layer_dir = checked_layer_dir(self._layers_root, cache_id, container_id, listed_in=layer_meta)
+            # layer/filestore.go: the tar the layer was applied from survives as tar-split.json.gz, with "diff".
+            tar_split = layer_meta / "tar-split.json.gz"
+            diff = _read_id(layer_meta / "diff", _DIGEST, required=False) if tar_split.is_file() else ""
+            layers.append(Layer(cache_id, layer_dir, tar_split=tar_split if diff else None, diff_id=diff))
             chain_id = _read_id(layer_meta / "parent", _DIGEST, required=False)
         layers.reverse()
         return layers

@@ -152,11 +152,23 @@ class PodmanStorage:
                     f"{layers_dir}/layers.json: layer {current} of container {container_id} is incomplete"
                     " (an interrupted pull or commit); remove and pull its image again"
                 )
-            chain.append(Layer(current, checked_layer_dir(self._layers_root, current, container_id)))
+            chain.append(self._layer(current, record, container_id, layers_dir))
             has_parent = record.get("parent") not in (None, "")
             current = _id_field(record, "parent", layers_dir / "layers.json", f"layer {current}") if has_parent else ""
         chain.reverse()
         return chain
+
+    def _layer(self, layer_id: str, record: dict[str, Any], container_id: str, layers_dir: Path) -> Layer:
+        # layers.go stores the tar a layer was applied from as <id>.tar-split.gz, next to its diff-digest.
+        tar_split = layers_dir / f"{layer_id}.tar-split.gz"
+        digest = record.get("diff-digest")
+        has_original = tar_split.is_file() and isinstance(digest, str) and _DIGEST.fullmatch(digest) is not None
+        return Layer(
+            layer_id,
+            checked_layer_dir(self._layers_root, layer_id, container_id),
+            tar_split=tar_split if has_original else None,
+            diff_id=str(digest) if has_original else "",
+        )
 
     def _config_key(self, image_id: str) -> str:
         """The big-data key of an image's config: its digest, as the image's manifest names it."""

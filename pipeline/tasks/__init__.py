@@ -9,6 +9,7 @@ from pipeline.tasks.image import (
     WriteManifest,
     WriteRepositories,
 )
+from pipeline.tasks.push import PushImage
 from pipeline.tasks.settings import DurableTarget
 from pipeline.tasks.snapshot import SnapshotAll, SnapshotContainer
 
@@ -17,6 +18,7 @@ __all__ = [
     "DurableTarget",
     "PackContainerLayer",
     "PackImageLayer",
+    "PushImage",
     "SnapshotAll",
     "SnapshotContainer",
     "WriteImageArchive",

@@ -18,6 +18,7 @@ from pipeline import commit as commits
 from pipeline import failpoint, squash
 from pipeline.atomic import write_bytes_atomic
 from pipeline.cache import LayerCache
+from pipeline.container import Layer
 from pipeline.engines import open_storage
 from pipeline.imageconfig import CommitOptions, digest_of
 from pipeline.layer import LayerRecord, encode_record, read_record
@@ -64,7 +65,20 @@ class _LayerTask(HostTask):
 
 
 class PackImageLayer(_LayerTask):
-    """An immutable image layer, packed once per cache and reused by every commit that shares it."""
+    """An immutable image layer, packed once per cache and reused by every commit that shares it; reassembled
+    byte for byte from the engine's tar-split records when it kept them."""
+
+    tar_split: str = luigi.Parameter(default="")
+    original_diff_id: str = luigi.Parameter(default="")
+
+    def pack(self, cache: LayerCache) -> LayerRecord:
+        layer = Layer(
+            layer_id="",
+            layer_dir=Path(self.layer_dir),
+            tar_split=Path(self.tar_split) if self.tar_split else None,
+            diff_id=self.original_diff_id,
+        )
+        return commits.pack_image_layer(cache, layer, clamp_mtime=self.clamp_mtime, report=_Progress(self))
 
     def output(self) -> DurableTarget:
         key = _key(os.path.realpath(self.layer_dir), self.clamp_mtime)
@@ -101,7 +115,12 @@ class _CommitTask(StorageTask):
         container = self.open_storage().read_container(self.container_id)
         tasks: list[_LayerTask] = [
             PackImageLayer(
-                layer_dir=str(layer.layer_dir), cache_dir=self.cache_dir, clamp_mtime=self.clamp_mtime, host=self.host
+                layer_dir=str(layer.layer_dir),
+                cache_dir=self.cache_dir,
+                clamp_mtime=self.clamp_mtime,
+                host=self.host,
+                tar_split=str(layer.tar_split or ""),
+                original_diff_id=layer.diff_id,
             )
             for layer in container.lower_layers
         ]
@@ -186,18 +205,21 @@ class WriteImageArchive(_CommitTask):
 
     format: str = luigi.ChoiceParameter(choices=commits.FORMATS, default="both")
 
-    def requires(self) -> dict[str, luigi.Task]:
+    def requires(self) -> dict[str, Any]:
+        # The layers too: the archive copies their cached blobs, which retention or a person may have removed
+        # since the config was written; requiring them packs such a layer again instead of failing for good.
         return {
             "config": WriteImageConfig(**self.common()),
             "manifest": WriteManifest(**self.common()),
             "repositories": WriteRepositories(**self.common()),
+            "layers": self.layer_tasks(),
         }
 
     def output(self) -> DurableTarget:
         return DurableTarget(self.output_path)
 
     def run(self) -> None:
-        inputs = {name: Path(target.path).read_bytes() for name, target in self.input().items()}
+        inputs = {name: Path(self.input()[name].path).read_bytes() for name in ("config", "manifest", "repositories")}
         commits.write_commit_output(
             Path(self.output_path),
             self.format,

@@ -1,0 +1,120 @@
+"""PushImage: commit a container and push it to an OCI distribution registry; done when the registry holds the tag.
+
+Spec: https://github.com/opencontainers/distribution-spec/blob/main/spec.md. Graph:
+    PackImageLayer*, PackContainerLayer ─> WriteImageConfig ─> PushImage (target: the tag's digest in the registry)
+"""
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import luigi
+
+from pipeline import commit as commits
+from pipeline.cache import LayerCache
+from pipeline.container import resolve_container
+from pipeline.engines import open_storage
+from pipeline.reference import Reference
+from pipeline.registry import (
+    Image,
+    Options,
+    PushedBlobs,
+    build_image,
+    open_registry,
+    parse_push_reference,
+    push_image,
+)
+from pipeline.tasks.image import WriteImageConfig
+from pipeline.tasks.settings import HostTask, commit, storage
+
+log = logging.getLogger(__name__)
+
+
+class registry(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg section [registry]
+    insecure: bool = luigi.BoolParameter(
+        default=False,
+        parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="plain HTTP instead of verified TLS; refused unless the registry host is loopback",
+    )
+    timeout: float = luigi.FloatParameter(default=60.0, description="seconds for each connect or read")
+    attempts: int = luigi.IntParameter(default=5, description="tries of a request answered 429/5xx or cut off")
+    backoff: float = luigi.FloatParameter(default=1.0, description="seconds before the 2nd try, doubling after")
+    ca_file: str = luigi.Parameter(default="", description="PEM CA bundle trusted besides the system's")
+
+    def options(self) -> Options:
+        return Options(self.insecure, self.timeout, self.attempts, self.backoff, self.ca_file)
+
+
+class RegistryTag(luigi.Target):
+    """Exists when the registry resolves the tag to the image's manifest digest: the registry's state, not a
+    local marker, so a tag deleted or moved since counts as not pushed."""
+
+    def __init__(self, reference: Reference, build: Callable[[], Image | None]) -> None:
+        self.reference = reference
+        self.build = build  # the image, or None while its commit is not written
+
+    def exists(self) -> bool:
+        image = self.build()
+        if image is None:  # the commit is not written yet, so its digest is unknown
+            return False
+        assert self.reference.domain is not None
+        found = open_registry(self.reference.domain, registry().options()).manifest_digest(
+            self.reference.path, self.reference.tag
+        )
+        if found is not None and found != image.digest:
+            log.info("%s points at %s, not at this commit's %s", self.reference, found, image.digest)
+        return found == image.digest
+
+
+class PushImage(HostTask):
+    """Entry point: `luigi --module pipeline PushImage --id ID --image HOST[:PORT]/REPO[:TAG]`."""
+
+    id: str = luigi.Parameter(description="container id, unique id prefix, or name")
+    image: str = luigi.Parameter(description="HOST[:PORT]/REPO[:TAG] to push to (the registry host is required)")
+    pause: bool = luigi.BoolParameter(
+        default=True,
+        parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="freeze a running container while its layer is packed (--pause false to opt out)",
+    )
+
+    def requires(self) -> dict[str, Any]:
+        # The layer tasks directly too: each checks its cached blob, so one deleted since is packed again.
+        config = self._config_task()
+        return {"config": config, "layers": config.layer_tasks()}
+
+    def output(self) -> RegistryTag:
+        return RegistryTag(parse_push_reference(self.image), self.built_image)
+
+    def run(self) -> None:
+        reference = parse_push_reference(self.image)
+        image = self.built_image()
+        assert reference.domain is not None and image is not None
+        pushed = PushedBlobs.in_cache(Path(os.path.abspath(commit().cache_dir)), reference.domain)
+        push_image(open_registry(reference.domain, registry().options()), reference, image, pushed)
+
+    def built_image(self) -> Image | None:
+        """The image this push sends, or None before its config is written."""
+        task = self._config_task()
+        try:
+            config = Path(task.output().path).read_bytes()
+            records = task.layer_records()
+        except FileNotFoundError:
+            return None
+        return build_image(config, records, LayerCache(Path(task.cache_dir)))
+
+    def _config_task(self) -> WriteImageConfig:
+        reference = parse_push_reference(self.image)
+        engine, root = storage().engine, storage().storage_root()
+        return WriteImageConfig(
+            host=self.host,
+            container_id=resolve_container(open_storage(engine, Path(root)), self.id),
+            image=str(reference),
+            output_path="",  # no archive: the commit's files are keyed by the reference alone
+            engine=engine,
+            storage_root=root,
+            cache_dir=os.path.abspath(commit().cache_dir),
+            clamp_mtime=commits.source_date_epoch(),
+            pause=self.pause,
+        )
