@@ -6,7 +6,6 @@ https://docs.docker.com/reference/cli/docker/login/#credential-stores.
 """
 
 import base64
-import fcntl
 import http.client
 import ipaddress
 import json
@@ -15,30 +14,23 @@ import os
 import random
 import re
 import ssl
-import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 from typing import TypeVar
 
-from pipeline.atomic import make_dirs, write_bytes_atomic
-from pipeline.cache import LayerCache
-from pipeline.errors import InvalidReference, OutputError, RegistryError
-from pipeline.imageconfig import digest_of, encode_json
-from pipeline.layer import LayerRecord
-from pipeline.ocilayout import CONFIG_MEDIA_TYPE, INDEX_MEDIA_TYPE, LAYER_MEDIA_TYPE, MANIFEST_MEDIA_TYPE
-from pipeline.ocilayout import build_image_manifest as build_manifest_doc
-from pipeline.reference import Reference, parse_reference
+from pipeline.credentials import DOCKER_HUB, ENV_PASSWORD, ENV_USERNAME, Credentials, find_credentials
+from pipeline.errors import RegistryError
+from pipeline.imageconfig import digest_of
+from pipeline.ocilayout import INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE
 
 log = logging.getLogger(__name__)
 
-ENV_USERNAME = "PIPELINE_REGISTRY_USERNAME"
-ENV_PASSWORD = "PIPELINE_REGISTRY_PASSWORD"
 # What a tag may resolve to; without the OCI types distribution answers 404 for an OCI manifest.
 _ACCEPT = ", ".join(
     (
@@ -53,30 +45,10 @@ _CHUNK = 1 << 20
 _MAX_DOCUMENT = 4 << 20  # distribution-spec: registries may refuse manifests over 4 MiB; answers read no more
 _MAX_DELAY = 30.0
 # docker.io is a name, not a host: its API and its credentials live under other names.
-_DOCKER_HUB = "docker.io"
 _DOCKER_HUB_API = "registry-1.docker.io"
-_DOCKER_HUB_KEYS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 _CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^,\s]*))')
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Options:
-    """How a registry is reached; the [registry] section of luigi.cfg."""
-
-    insecure: bool = False  # plain HTTP, allowed only to a loopback host
-    timeout: float = 60.0  # seconds for each connect or read
-    attempts: int = 5  # tries of each request answered 429/5xx or cut off
-    backoff: float = 1.0  # seconds before the second try; doubles for each further one
-    ca_file: str = ""  # a PEM bundle trusted besides the system's CAs
-
-
-@dataclass(frozen=True)
-class Credentials:
-    username: str
-    password: str = field(repr=False)
-    source: str  # where they were found, for error messages
 
 
 @dataclass(frozen=True)
@@ -97,49 +69,14 @@ class Blob:
 
 
 @dataclass(frozen=True)
-class Image:
-    """What a push sends: the manifest bytes and the blobs it names, layers oldest first."""
+class Options:
+    """How a registry is reached; the [registry] section of luigi.cfg."""
 
-    manifest: bytes
-    config: Blob
-    layers: tuple[Blob, ...]
-
-    @property
-    def digest(self) -> str:
-        return digest_of(self.manifest)
-
-
-@dataclass(frozen=True)
-class PushResult:
-    reference: str
-    digest: str
-    uploaded: tuple[str, ...]
-    mounted: tuple[str, ...]
-    present: tuple[str, ...]  # already in the repository
-
-
-def parse_push_reference(text: str) -> Reference:
-    """HOST[:PORT]/REPO[:TAG], checked against Docker's grammar; the registry host is required."""
-    reference = parse_reference(text)
-    if reference.domain is None:
-        raise InvalidReference(
-            f"invalid image reference {text!r} for a push: it names no registry host;"
-            f" use e.g. --image registry.example.com/{reference.path}:{reference.tag}"
-        )
-    return reference
-
-
-def build_image(config: bytes, records: Sequence[LayerRecord], cache: LayerCache) -> Image:
-    """The OCI image of a commit: its config, its cached layers (uncompressed, digest = diff_id), the manifest."""
-    diff_ids = json.loads(config).get("rootfs", {}).get("diff_ids")
-    if diff_ids != [r.diff_id for r in records]:
-        raise OutputError(
-            f"{cache.root}: the commit's image config lists other layers than its layer records (a layer was packed"
-            " again since); remove the commit's files under commits/ there and re-run"
-        )
-    layers = tuple(Blob(r.diff_id, r.size, LAYER_MEDIA_TYPE, path=cache.blob_path(r.diff_id)) for r in records)
-    manifest = encode_json(build_manifest_doc(config, list(records)))
-    return Image(manifest, Blob(digest_of(config), len(config), CONFIG_MEDIA_TYPE, data=config), layers)
+    insecure: bool = False  # plain HTTP, allowed only to a loopback host
+    timeout: float = 60.0  # seconds for each connect or read
+    attempts: int = 5  # tries of each request answered 429/5xx or cut off
+    backoff: float = 1.0  # seconds before the second try; doubles for each further one
+    ca_file: str = ""  # a PEM bundle trusted besides the system's CAs
 
 
 def is_loopback(host: str) -> bool:
@@ -151,80 +88,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
-
-
-def find_credentials(host: str, environ: Mapping[str, str] = os.environ) -> Credentials | None:
-    """$PIPELINE_REGISTRY_USERNAME/$PIPELINE_REGISTRY_PASSWORD, else what `docker login host` stored in
-    $DOCKER_CONFIG/config.json (default ~/.docker/config.json): a credential helper, or auths.<host>.auth."""
-    username, password = environ.get(ENV_USERNAME, ""), environ.get(ENV_PASSWORD, "")
-    if username and password:
-        return Credentials(username, password, f"${ENV_USERNAME}")
-    if username or password:
-        raise RegistryError(f"registry {host}: only one of ${ENV_USERNAME} and ${ENV_PASSWORD} is set; set both")
-    directory = environ.get("DOCKER_CONFIG") or os.path.join(environ.get("HOME") or str(Path.home()), ".docker")
-    return _docker_credentials(Path(directory) / "config.json", host)
-
-
-def _docker_credentials(path: Path, host: str) -> Credentials | None:
-    try:
-        doc = json.loads(path.read_bytes())
-        if not isinstance(doc, dict):
-            raise ValueError("not a JSON object")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise RegistryError(
-            f"{path}: cannot read registry credentials ({e}); fix the file or set ${ENV_USERNAME}"
-        ) from e
-    keys = _DOCKER_HUB_KEYS if host == _DOCKER_HUB else {host}
-    helpers = _section(doc, "credHelpers")
-    helper = next((helpers[k] for k in helpers if _config_host(k) in keys), None)
-    if isinstance(helper, str) and helper:
-        return _helper_credentials(helper, host, path)
-    auths = _section(doc, "auths")
-    for key, entry in auths.items():
-        if _config_host(key) in keys and isinstance(entry, dict):
-            if isinstance(entry.get("auth"), str) and entry["auth"]:
-                try:
-                    username, colon, password = base64.b64decode(entry["auth"]).decode().partition(":")
-                except ValueError:
-                    colon = ""
-                if not colon:
-                    raise RegistryError(f"{path}: auths.{key}.auth is not base64 of user:password; run docker login")
-                return Credentials(username, password, str(path))
-            if isinstance(entry.get("username"), str) and isinstance(entry.get("password"), str):
-                return Credentials(entry["username"], entry["password"], str(path))
-    store = doc.get("credsStore")
-    return _helper_credentials(store, host, path) if isinstance(store, str) and store else None
-
-
-def _section(doc: dict[str, object], name: str) -> dict[str, object]:
-    value = doc.get(name)
-    return value if isinstance(value, dict) else {}
-
-
-def _config_host(key: str) -> str:
-    """config.json keys are hosts, or URLs such as https://index.docker.io/v1/."""
-    return key.partition("://")[2].partition("/")[0] if "://" in key else key.partition("/")[0]
-
-
-def _helper_credentials(helper: str, host: str, config: Path) -> Credentials | None:
-    """Ask docker-credential-<helper> (https://github.com/docker/docker-credential-helpers); None if it has none."""
-    program = f"docker-credential-{helper}"
-    server = "https://index.docker.io/v1/" if host == _DOCKER_HUB else host
-    try:
-        done = subprocess.run([program, "get"], input=server, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise RegistryError(
-            f"{config}: credential helper {program} failed ({e}); install it or set ${ENV_USERNAME}"
-        ) from e
-    if done.returncode != 0:
-        return None  # helpers exit 1 with "credentials not found" for an unknown server
-    try:
-        answer = json.loads(done.stdout)
-        return Credentials(str(answer["Username"]), str(answer["Secret"]), f"{config} ({program})")
-    except (ValueError, KeyError, TypeError) as e:
-        raise RegistryError(f"{config}: credential helper {program} answered no credentials ({e!r})") from e
 
 
 class _Transient(Exception):
@@ -253,7 +116,7 @@ class Registry:
         self.host = host
         self.options = options
         self.credentials = credentials
-        api_host = _DOCKER_HUB_API if host == _DOCKER_HUB else host
+        api_host = _DOCKER_HUB_API if host == DOCKER_HUB else host
         if options.insecure and not is_loopback(api_host):
             raise RegistryError(
                 f"registry {host}: [registry] insecure allows plain HTTP only to a loopback host (localhost,"
@@ -500,91 +363,6 @@ class Registry:
 def open_registry(host: str, options: Options = Options(), environ: Mapping[str, str] = os.environ) -> Registry:
     """The registry at host, with the credentials find_credentials() finds for it."""
     return Registry(host, options, find_credentials(host, environ))
-
-
-class PushedBlobs:
-    """Which repositories of one registry got which blobs from pushes of this cache (<cache>/pushed/<host>.json),
-    so a blob already in another repository is mounted instead of uploaded. A hint: a wrong entry costs an upload."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @classmethod
-    def in_cache(cls, cache_dir: Path, host: str) -> "PushedBlobs":
-        return cls(cache_dir / "pushed" / f"{host.replace('/', '_')}.json")
-
-    def sources(self, digest: str) -> list[str]:
-        return list(self._read().get(digest, []))
-
-    def add(self, repository: str, digests: Iterable[str]) -> None:
-        make_dirs(self.path.parent)
-        fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # read-modify-write: concurrent pushes must not drop each other's entries
-            record = self._read()
-            for digest in digests:
-                repositories = record.setdefault(digest, [])
-                if repository in repositories:
-                    repositories.remove(repository)
-                repositories.insert(0, repository)  # the latest first: the likeliest to still hold it
-            write_bytes_atomic(self.path, encode_json(record))
-        finally:
-            os.close(fd)
-
-    def _read(self) -> dict[str, list[str]]:
-        try:
-            record = json.loads(self.path.read_bytes())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:
-            log.warning("%s: unreadable (%s); pushing without mounts", self.path, e)
-            return {}
-        if not isinstance(record, dict):
-            return {}
-        return {k: [r for r in v if isinstance(r, str)] for k, v in record.items() if isinstance(v, list)}
-
-
-def push_image(registry: Registry, reference: Reference, image: Image, pushed: PushedBlobs | None = None) -> PushResult:
-    """Push image to reference: each blob the repository lacks is mounted from another repository known to hold it,
-    or uploaded; then the manifest is PUT under the tag."""
-    for blob in image.layers:
-        assert blob.path is not None
-        size = blob.path.stat().st_size if blob.path.is_file() else -1
-        if size != blob.size:
-            raise OutputError(f"{blob.path}: cached layer is missing or damaged; re-run to pack it again")
-    repository = reference.path
-    uploaded: list[str] = []
-    mounted: list[str] = []
-    present: list[str] = []
-    for blob in (*image.layers, image.config):
-        if registry.blob_exists(repository, blob.digest):
-            present.append(blob.digest)
-            continue
-        source = next((s for s in (pushed.sources(blob.digest) if pushed else []) if s != repository), None)
-        done, session = _mount(registry, repository, blob.digest, source) if source else (False, None)
-        if done:
-            mounted.append(blob.digest)
-            log.info("mounted %s from %s into %s/%s", blob.digest, source, registry.host, repository)
-            continue
-        registry.upload_blob(repository, blob, session)
-        uploaded.append(blob.digest)
-        log.info("uploaded %s (%d bytes) to %s/%s", blob.digest, blob.size, registry.host, repository)
-    digest = registry.put_manifest(repository, reference.tag, image.manifest)
-    if pushed is not None:
-        pushed.add(repository, [b.digest for b in (*image.layers, image.config)])
-    counts = len(uploaded), len(mounted), len(present)
-    log.info("pushed %s as %s: %d blobs uploaded, %d mounted, %d already there", reference, digest, *counts)
-    return PushResult(str(reference), digest, tuple(uploaded), tuple(mounted), tuple(present))
-
-
-def _mount(registry: Registry, repository: str, digest: str, source: str) -> tuple[bool, str | None]:
-    """(True, None) when mounted, else (False, the upload URL the registry opened instead, if any)."""
-    try:
-        session = registry.mount_blob(repository, digest, source)
-    except RegistryError as e:  # a mount only saves an upload
-        log.warning("%s; uploading it instead", e)
-        return False, None
-    return session is None, session
 
 
 def _scope(repository: str, actions: str) -> str:

@@ -16,16 +16,9 @@ from pipeline import commit as commits
 from pipeline.cache import LayerCache
 from pipeline.container import resolve_container
 from pipeline.engines import open_storage
+from pipeline.push import Image, PushedBlobs, build_image, parse_push_reference, push_image
 from pipeline.reference import Reference
-from pipeline.registry import (
-    Image,
-    Options,
-    PushedBlobs,
-    build_image,
-    open_registry,
-    parse_push_reference,
-    push_image,
-)
+from pipeline.registry import Options, open_registry
 from pipeline.tasks.image import WriteImageConfig
 from pipeline.tasks.settings import HostTask, commit, storage
 

@@ -1,0 +1,156 @@
+"""A push of one image: its blobs (skipped when present, mounted from another repository when this registry
+has them there, else uploaded), then its manifest; and the record of what each registry already holds.
+
+Spec: https://github.com/opencontainers/distribution-spec/blob/main/spec.md (push, cross-repository mount).
+"""
+
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.atomic import make_dirs, write_bytes_atomic
+from pipeline.cache import LayerCache
+from pipeline.errors import InvalidReference, OutputError, RegistryError
+from pipeline.imageconfig import digest_of, encode_json
+from pipeline.layer import LayerRecord
+from pipeline.ocilayout import CONFIG_MEDIA_TYPE, LAYER_MEDIA_TYPE
+from pipeline.ocilayout import build_image_manifest as build_manifest_doc
+from pipeline.reference import Reference, parse_reference
+from pipeline.registry import Blob, Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Image:
+    """What a push sends: the manifest bytes and the blobs it names, layers oldest first."""
+
+    manifest: bytes
+    config: Blob
+    layers: tuple[Blob, ...]
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.manifest)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    reference: str
+    digest: str
+    uploaded: tuple[str, ...]
+    mounted: tuple[str, ...]
+    present: tuple[str, ...]  # already in the repository
+
+
+def parse_push_reference(text: str) -> Reference:
+    """HOST[:PORT]/REPO[:TAG], checked against Docker's grammar; the registry host is required."""
+    reference = parse_reference(text)
+    if reference.domain is None:
+        raise InvalidReference(
+            f"invalid image reference {text!r} for a push: it names no registry host;"
+            f" use e.g. --image registry.example.com/{reference.path}:{reference.tag}"
+        )
+    return reference
+
+
+def build_image(config: bytes, records: Sequence[LayerRecord], cache: LayerCache) -> Image:
+    """The OCI image of a commit: its config, its cached layers (uncompressed, digest = diff_id), the manifest."""
+    diff_ids = json.loads(config).get("rootfs", {}).get("diff_ids")
+    if diff_ids != [r.diff_id for r in records]:
+        raise OutputError(
+            f"{cache.root}: the commit's image config lists other layers than its layer records (a layer was packed"
+            " again since); remove the commit's files under commits/ there and re-run"
+        )
+    layers = tuple(Blob(r.diff_id, r.size, LAYER_MEDIA_TYPE, path=cache.blob_path(r.diff_id)) for r in records)
+    manifest = encode_json(build_manifest_doc(config, list(records)))
+    return Image(manifest, Blob(digest_of(config), len(config), CONFIG_MEDIA_TYPE, data=config), layers)
+
+
+class PushedBlobs:
+    """Which repositories of one registry got which blobs from pushes of this cache (<cache>/pushed/<host>.json),
+    so a blob already in another repository is mounted instead of uploaded. A hint: a wrong entry costs an upload."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def in_cache(cls, cache_dir: Path, host: str) -> "PushedBlobs":
+        return cls(cache_dir / "pushed" / f"{host.replace('/', '_')}.json")
+
+    def sources(self, digest: str) -> list[str]:
+        return list(self._read().get(digest, []))
+
+    def add(self, repository: str, digests: Iterable[str]) -> None:
+        make_dirs(self.path.parent)
+        fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # read-modify-write: concurrent pushes must not drop each other's entries
+            record = self._read()
+            for digest in digests:
+                repositories = record.setdefault(digest, [])
+                if repository in repositories:
+                    repositories.remove(repository)
+                repositories.insert(0, repository)  # the latest first: the likeliest to still hold it
+            write_bytes_atomic(self.path, encode_json(record))
+        finally:
+            os.close(fd)
+
+    def _read(self) -> dict[str, list[str]]:
+        try:
+            record = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable (%s); pushing without mounts", self.path, e)
+            return {}
+        if not isinstance(record, dict):
+            return {}
+        return {k: [r for r in v if isinstance(r, str)] for k, v in record.items() if isinstance(v, list)}
+
+
+def push_image(registry: Registry, reference: Reference, image: Image, pushed: PushedBlobs | None = None) -> PushResult:
+    """Push image to reference: each blob the repository lacks is mounted from another repository known to hold it,
+    or uploaded; then the manifest is PUT under the tag."""
+    for blob in image.layers:
+        assert blob.path is not None
+        size = blob.path.stat().st_size if blob.path.is_file() else -1
+        if size != blob.size:
+            raise OutputError(f"{blob.path}: cached layer is missing or damaged; re-run to pack it again")
+    repository = reference.path
+    uploaded: list[str] = []
+    mounted: list[str] = []
+    present: list[str] = []
+    for blob in (*image.layers, image.config):
+        if registry.blob_exists(repository, blob.digest):
+            present.append(blob.digest)
+            continue
+        source = next((s for s in (pushed.sources(blob.digest) if pushed else []) if s != repository), None)
+        done, session = _mount(registry, repository, blob.digest, source) if source else (False, None)
+        if done:
+            mounted.append(blob.digest)
+            log.info("mounted %s from %s into %s/%s", blob.digest, source, registry.host, repository)
+            continue
+        registry.upload_blob(repository, blob, session)
+        uploaded.append(blob.digest)
+        log.info("uploaded %s (%d bytes) to %s/%s", blob.digest, blob.size, registry.host, repository)
+    digest = registry.put_manifest(repository, reference.tag, image.manifest)
+    if pushed is not None:
+        pushed.add(repository, [b.digest for b in (*image.layers, image.config)])
+    counts = len(uploaded), len(mounted), len(present)
+    log.info("pushed %s as %s: %d blobs uploaded, %d mounted, %d already there", reference, digest, *counts)
+    return PushResult(str(reference), digest, tuple(uploaded), tuple(mounted), tuple(present))
+
+
+def _mount(registry: Registry, repository: str, digest: str, source: str) -> tuple[bool, str | None]:
+    """(True, None) when mounted, else (False, the upload URL the registry opened instead, if any)."""
+    try:
+        session = registry.mount_blob(repository, digest, source)
+    except RegistryError as e:  # a mount only saves an upload
+        log.warning("%s; uploading it instead", e)
+        return False, None
+    return session is None, session
