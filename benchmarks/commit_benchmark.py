@@ -59,7 +59,14 @@ ORIGINAL = "original (made loadable)"
 OURS_COLD = "ours cold"
 OURS_WARM = "ours warm"
 PODMAN = "podman commit + save"
-SLUGS = {ORIGINAL: "original", OURS_COLD: "ours-cold", OURS_WARM: "ours-warm", PODMAN: "podman"}
+OURS_PODMAN = "ours cold, podman storage"
+SLUGS = {
+    ORIGINAL: "original",
+    OURS_COLD: "ours-cold",
+    OURS_WARM: "ours-warm",
+    PODMAN: "podman",
+    OURS_PODMAN: "ours-podman",
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -369,6 +376,22 @@ def ours_warm(ctx: Context, out: Path, log: Path) -> Usage:
     return usage
 
 
+def ours_podman(ctx: Context, out: Path, log: Path) -> Usage:
+    """CommitImage reading the same podman store podman commit reads (--storage-engine podman), cold cache."""
+    assert ctx.podman is not None
+    cache = ctx.run_dir / "cache-podman"
+    shutil.rmtree(cache, ignore_errors=True)
+    usage = Usage()
+    argv = [str(ctx.luigi), "--module", "pipeline", "CommitImage", "--id", "bench-ctr", "--output", str(out)]
+    argv += ["--storage-engine", "podman", "--storage-root", ctx.podman[ctx.podman.index("--root") + 1]]
+    argv += ["--commit-cache-dir", str(cache), "--local-scheduler"]
+    try:
+        run_child(argv, usage, cwd=REPO_ROOT, log=log)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return usage
+
+
 def podman_commit(ctx: Context, out: Path, log: Path) -> Usage:
     """`podman commit` of the prepared container, then `podman save` of the new image; the image is removed after."""
     assert ctx.podman is not None
@@ -560,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 ctx.podman = ensure_podman(workdir, args.scale, root)
                 methods[PODMAN] = podman_commit
+                methods[OURS_PODMAN] = ours_podman
             except (BenchmarkError, OSError, subprocess.CalledProcessError) as e:
                 skipped[PODMAN] = f"setup failed: {e}"
     else:

@@ -11,6 +11,8 @@ from pathlib import Path
 from pipeline import failpoint, tarheader
 from pipeline.tarheader import Header
 
+_COPY_CHUNK = 1 << 20
+
 
 @dataclass(frozen=True)
 class Member:
@@ -65,32 +67,22 @@ def write_image_archive(dest: Path, members: list[Member], *, mtime: int) -> int
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
 
 
 def _copy_file(path: Path, out_fd: int, size: int) -> None:
-    # copy_file_range lets the kernel copy (or reflink) cached blobs without passing them through Python.
-    in_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
+    # A plain 1 MiB readinto/write loop: measured (benchmarks/levers.py, lever 5) 24% faster than
+    # os.copy_file_range and sendfile on ext4 for the cached blobs (0.17 s vs 0.22 s for 512 MB); a reflink
+    # cannot help either, since a member's data starts 512 bytes into a block, never on a clone boundary.
+    buf = memoryview(bytearray(_COPY_CHUNK))
+    with open(path, "rb", buffering=0) as f:
         remaining = size
-        use_range = True
         while remaining:
-            try:
-                n = (
-                    os.copy_file_range(in_fd, out_fd, remaining)
-                    if use_range
-                    else os.sendfile(out_fd, in_fd, None, remaining)
-                )
-            except OSError as e:
-                if use_range and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    use_range = False
-                    continue
-                raise
-            if n == 0:
+            n = f.readinto(buf[: min(remaining, _COPY_CHUNK)])
+            if not n:
                 raise OSError(errno.EIO, f"{path} shrank while it was copied into the archive")
+            _write_all(out_fd, buf[:n])
             remaining -= n
-    finally:
-        os.close(in_fd)
