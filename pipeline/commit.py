@@ -4,17 +4,18 @@ import errno
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline import freezer, ocilayout
+from pipeline import compression, freezer, ocilayout
 from pipeline.archive import Member, archive_size, write_image_archive
 from pipeline.atomic import atomic_path, make_dirs, no_space_error
 from pipeline.cache import LayerCache
+from pipeline.compression import CompressedBlob
 from pipeline.container import Container, Layer, Storage, resolve_container
 from pipeline.dockerfile import apply_changes
 from pipeline.errors import OutputError, PipelineError
@@ -114,8 +115,28 @@ def read_config_file(path: str) -> dict[str, Any]:
     return doc
 
 
-def build_manifest_bytes(config: bytes, records: list[LayerRecord], reference: Reference) -> bytes:
-    return encode_json(build_manifest(digest_of(config), [r.diff_id for r in records], reference))
+def build_manifest_bytes(config: bytes, blobs: Sequence[CompressedBlob], reference: Reference) -> bytes:
+    return encode_json(build_manifest(digest_of(config), [b.digest for b in blobs], reference))
+
+
+def layer_blobs(
+    cache: LayerCache, records: Sequence[LayerRecord], algorithm: str, level: int | None
+) -> list[CompressedBlob]:
+    """The stored blob of each layer: the cached tar itself, or its gzip/zstd form (compressed once per cache)."""
+    chosen = compression.default_level(algorithm) if level is None else level
+    return [compression.compress_blob(cache.root, record, algorithm, chosen) for record in records]
+
+
+def check_compression(algorithm: str, level: int | None, fmt: str) -> None:
+    """Refuse a compression the chosen format cannot carry, or a level the algorithm does not have."""
+    compression.check_algorithm(algorithm)
+    if level is not None:
+        compression.check_level(algorithm, level)
+    if fmt in ("both", "docker") and algorithm not in compression.DOCKER_ARCHIVE_ALGORITHMS:
+        raise PipelineError(
+            f"--compression {algorithm}: a docker-archive ({fmt}) holds only plain or gzip layers; use"
+            " --format oci or oci-dir, or --compression gzip"
+        )
 
 
 def build_repositories_bytes(config: bytes, reference: Reference) -> bytes:
@@ -129,7 +150,7 @@ def write_commit_output(
     dest: Path,
     fmt: str,
     cache: LayerCache,
-    records: list[LayerRecord],
+    layers: Sequence[CompressedBlob],
     config: bytes,
     docker_files: dict[str, bytes],
     reference: Reference,
@@ -142,13 +163,12 @@ def write_commit_output(
     docker_files holds manifest.json and repositories; layers go oldest first, then the small files.
     """
     blobs = []
-    for record in records:
-        if not cache.has_blob(record):
-            raise OutputError(
-                f"{cache.blob_path(record.diff_id)}: cached layer is missing or damaged; re-run to repack it"
-            )
-        blobs.append(cache.blob_path(record.diff_id))
-    manifest = encode_json(ocilayout.build_image_manifest(config, records))
+    for layer in layers:
+        path = cache.blob_path(layer.digest)
+        if not path.is_file() or path.stat().st_size != layer.size:
+            raise OutputError(f"{path}: cached layer is missing or damaged; re-run to repack it")
+        blobs.append(path)
+    manifest = encode_json(ocilayout.build_image_manifest(config, layers))
     oci_files = ocilayout.layout_files(config, manifest, encode_json(ocilayout.build_index(manifest, reference)))
     if fmt == "oci-dir":
         with atomic_path(dest) as temp:
@@ -160,7 +180,7 @@ def write_commit_output(
         small = oci_files
     if fmt in ("both", "docker"):
         small |= docker_files
-    members = [Member(blob_name(r.diff_id), path=b) for r, b in zip(records, blobs, strict=True)]
+    members = [Member(blob_name(layer.digest), path=b) for layer, b in zip(layers, blobs, strict=True)]
     members += [Member(name, data=data) for name, data in small.items()]
     needed = archive_size(members)
     check_free_space(dest, needed)

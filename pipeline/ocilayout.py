@@ -7,12 +7,13 @@ puts the same documents next to manifest.json in `docker save` archives.
 import errno
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import fsync_dir, make_dirs
+from pipeline.compression import CompressedBlob
 from pipeline.imageconfig import digest_of, encode_json
-from pipeline.layer import LayerRecord
 from pipeline.manifest import blob_name
 from pipeline.reference import Reference
 
@@ -23,12 +24,13 @@ LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
 OCI_LAYOUT = encode_json({"imageLayoutVersion": "1.0.0"})
 
 
-def build_image_manifest(config: bytes, layers: list[LayerRecord]) -> dict[str, Any]:
+def build_image_manifest(config: bytes, layers: Sequence[CompressedBlob]) -> dict[str, Any]:
+    """The image manifest: the config, then each layer blob as stored (plain tar, tar+gzip or tar+zstd)."""
     return {
         "schemaVersion": 2,
         "mediaType": MANIFEST_MEDIA_TYPE,
         "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": digest_of(config), "size": len(config)},
-        "layers": [{"mediaType": LAYER_MEDIA_TYPE, "digest": r.diff_id, "size": r.size} for r in layers],
+        "layers": [{"mediaType": b.media_type, "digest": b.digest, "size": b.size} for b in layers],
     }
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from pipeline.atomic import make_dirs, write_bytes_atomic
 from pipeline.cache import LayerCache
+from pipeline.compression import compress_blob, default_level
 from pipeline.errors import InvalidReference, OutputError, RegistryError
 from pipeline.imageconfig import digest_of, encode_json
 from pipeline.layer import LayerRecord
-from pipeline.ocilayout import CONFIG_MEDIA_TYPE, LAYER_MEDIA_TYPE
+from pipeline.ocilayout import CONFIG_MEDIA_TYPE
 from pipeline.ocilayout import build_image_manifest as build_manifest_doc
 from pipeline.reference import Reference, parse_reference
 from pipeline.registry import Blob, Registry
@@ -58,16 +59,26 @@ def parse_push_reference(text: str) -> Reference:
     return reference
 
 
-def build_image(config: bytes, records: Sequence[LayerRecord], cache: LayerCache) -> Image:
-    """The OCI image of a commit: its config, its cached layers (uncompressed, digest = diff_id), the manifest."""
+def build_image(
+    config: bytes,
+    records: Sequence[LayerRecord],
+    cache: LayerCache,
+    *,
+    compression: str = "none",
+    level: int | None = None,
+) -> Image:
+    """The OCI image of a commit: its config, its cached layers (compressed once per cache when asked), the
+    manifest."""
     diff_ids = json.loads(config).get("rootfs", {}).get("diff_ids")
     if diff_ids != [r.diff_id for r in records]:
         raise OutputError(
             f"{cache.root}: the commit's image config lists other layers than its layer records (a layer was packed"
             " again since); remove the commit's files under commits/ there and re-run"
         )
-    layers = tuple(Blob(r.diff_id, r.size, LAYER_MEDIA_TYPE, path=cache.blob_path(r.diff_id)) for r in records)
-    manifest = encode_json(build_manifest_doc(config, list(records)))
+    chosen = default_level(compression) if level is None else level
+    stored = [compress_blob(cache.root, r, compression, chosen) for r in records]
+    layers = tuple(Blob(b.digest, b.size, b.media_type, path=cache.blob_path(b.digest)) for b in stored)
+    manifest = encode_json(build_manifest_doc(config, stored))
     return Image(manifest, Blob(digest_of(config), len(config), CONFIG_MEDIA_TYPE, data=config), layers)
 
 

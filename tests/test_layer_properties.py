@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.cache import LayerCache
-from pipeline.commit import build_manifest_bytes, build_repositories_bytes, write_commit_output
+from pipeline.commit import build_manifest_bytes, build_repositories_bytes, layer_blobs, write_commit_output
 from pipeline.container import Container, Layer
 from pipeline.errors import LayerError
 from pipeline.imageconfig import build_image_config, encode_json
@@ -499,10 +499,11 @@ def _write_archive(work: Path, layer_dirs: list[Path], pack: Callable[[LayerCach
     )
     config = encode_json(build_image_config(container, None, [r.diff_id for r in records], created=_CREATED))
     archive = work / "image.tar"
-    manifest = build_manifest_bytes(config, records, _REFERENCE)
+    blobs = layer_blobs(cache, records, "none", None)
+    manifest = build_manifest_bytes(config, blobs, _REFERENCE)
     repositories = build_repositories_bytes(config, _REFERENCE)
     docker_files = {"manifest.json": manifest, "repositories": repositories}
-    write_commit_output(archive, "both", cache, records, config, docker_files, _REFERENCE, mtime=_CREATED)
+    write_commit_output(archive, "both", cache, blobs, config, docker_files, _REFERENCE, mtime=_CREATED)
     return archive
 
 

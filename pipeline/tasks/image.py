@@ -18,6 +18,7 @@ from pipeline import commit as commits
 from pipeline import failpoint, squash
 from pipeline.atomic import write_bytes_atomic
 from pipeline.cache import LayerCache
+from pipeline.compression import ALGORITHMS, CompressedBlob
 from pipeline.container import Layer
 from pipeline.engines import open_storage
 from pipeline.imageconfig import CommitOptions, digest_of
@@ -96,6 +97,8 @@ class _CommitTask(StorageTask):
     changes: tuple[str, ...] = luigi.ListParameter(default=())
     config_file: str = luigi.Parameter(default="")
     squash: bool = luigi.BoolParameter(default=False)
+    compression: str = luigi.ChoiceParameter(choices=ALGORITHMS, default="none")
+    compression_level: int | None = luigi.OptionalIntParameter(default=None)
 
     def commit_dir(self) -> str:
         # Every significant parameter but the host names the commit, so options never share its files.
@@ -131,6 +134,11 @@ class _CommitTask(StorageTask):
 
     def layer_records(self) -> list[LayerRecord]:
         return [read_record(Path(t.output().path)) for t in self.layer_tasks()]
+
+    def layer_blobs(self) -> list[CompressedBlob]:
+        """The layers as stored in the image: compressed (once per cache) when --compression asks for it."""
+        cache = LayerCache(Path(self.cache_dir))
+        return commits.layer_blobs(cache, self.layer_records(), self.compression, self.compression_level)
 
     def common(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name, _ in _CommitTask.get_params()}
@@ -183,7 +191,7 @@ class WriteManifest(_CommitTask):
 
     def run(self) -> None:
         config = Path(self.input().path).read_bytes()
-        data = commits.build_manifest_bytes(config, self.layer_records(), parse_reference(self.image))
+        data = commits.build_manifest_bytes(config, self.layer_blobs(), parse_reference(self.image))
         write_bytes_atomic(Path(self.output().path), data)
 
 
@@ -224,7 +232,7 @@ class WriteImageArchive(_CommitTask):
             Path(self.output_path),
             self.format,
             LayerCache(Path(self.cache_dir)),
-            self.layer_records(),
+            self.layer_blobs(),
             inputs["config"],
             {"manifest.json": inputs["manifest"], "repositories": inputs["repositories"]},
             parse_reference(self.image),
@@ -275,12 +283,17 @@ class CommitImage(HostTask, luigi.WrapperTask):
     config: str = luigi.Parameter(default="", description="a JSON file of image config keys to merge in")
     squash: bool = luigi.BoolParameter(default=False, description="commit all layers as one")
     iidfile: str = luigi.Parameter(default="", description="write the image id (config digest) to this file")
+    compression: str = luigi.ChoiceParameter(
+        choices=ALGORITHMS, default="none", description="layer compression: none, gzip, or zstd (OCI formats only)"
+    )
+    compression_level: int | None = luigi.OptionalIntParameter(default=None, description="default: gzip 1, zstd 3")
 
     def requires(self) -> list[luigi.Task]:
         settings = commit()
         engine, root = storage().engine, storage().storage_root()
         commits.check_options(self.change, self.config)  # refuse bad options before any layer is packed
         fmt = self.format or settings.format
+        commits.check_compression(self.compression, self.compression_level, fmt)
         plan = commits.plan_commit(
             open_storage(engine, Path(root)), self.id, self.image, self.output, Path(settings.output_dir), fmt
         )
@@ -300,6 +313,8 @@ class CommitImage(HostTask, luigi.WrapperTask):
             changes=self.change,
             config_file=os.path.abspath(self.config) if self.config else "",
             squash=self.squash,
+            compression=self.compression,
+            compression_level=self.compression_level,
         )
         if self.iidfile:
             return [archive, WriteIidFile(iidfile=os.path.abspath(self.iidfile), **archive.common())]

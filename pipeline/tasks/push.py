@@ -14,6 +14,7 @@ import luigi
 
 from pipeline import commit as commits
 from pipeline.cache import LayerCache
+from pipeline.compression import ALGORITHMS
 from pipeline.container import resolve_container
 from pipeline.engines import open_storage
 from pipeline.push import Image, PushedBlobs, build_image, parse_push_reference, push_image
@@ -66,6 +67,10 @@ class PushImage(HostTask):
 
     id: str = luigi.Parameter(description="container id, unique id prefix, or name")
     image: str = luigi.Parameter(description="HOST[:PORT]/REPO[:TAG] to push to (the registry host is required)")
+    compression: str = luigi.ChoiceParameter(
+        choices=ALGORITHMS, default="gzip", description="layer compression for the registry: gzip, zstd or none"
+    )
+    compression_level: int | None = luigi.OptionalIntParameter(default=None, description="default: gzip 1, zstd 3")
     pause: bool = luigi.BoolParameter(
         default=True,
         parsing=luigi.BoolParameter.EXPLICIT_PARSING,
@@ -95,7 +100,8 @@ class PushImage(HostTask):
             records = task.layer_records()
         except FileNotFoundError:
             return None
-        return build_image(config, records, LayerCache(Path(task.cache_dir)))
+        cache = LayerCache(Path(task.cache_dir))
+        return build_image(config, records, cache, compression=self.compression, level=self.compression_level)
 
     def _config_task(self) -> WriteImageConfig:
         reference = parse_push_reference(self.image)
