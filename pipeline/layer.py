@@ -318,7 +318,12 @@ def _copy_sparse(sink: HashingSink, f: BinaryIO, fd: int, size: int, what: str) 
             pos += n
         if pos >= size:
             break
-        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), size)
+        try:
+            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), size)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: pos is past the end, so the file shrank since it was listed
+                raise
+            raise SourceChanged(f"{what}: shrank while the layer was packed") from e
         os.lseek(fd, pos, os.SEEK_SET)
         _copy_range(sink, f, hole - pos, what)
         pos = hole
