@@ -273,7 +273,8 @@ def _compress_into_cache(
 ) -> CompressedBlob:
     _check_source(source, record)
     blob_dir = source.parent
-    temp = partial_path(blob_dir / f"{record.hex}-{algorithm}-{level}")
+    target = blob_dir / f"{record.hex}-{algorithm}-{level}"  # its name until its digest is known
+    temp = partial_path(target)
     try:
         src = open(source, "rb", buffering=0)
     except OSError as e:
@@ -289,8 +290,8 @@ def _compress_into_cache(
     except OSError as e:
         temp.unlink(missing_ok=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise no_space_error(temp, e, needed=record.size) from e
-        raise OutputError(f"{temp}: cannot compress {source} into it ({e.strerror}); check the cache directory") from e
+            raise no_space_error(target, e, needed=record.size) from e
+        raise OutputError(f"{target}: cannot compress {source} ({e.strerror}); check the cache directory") from e
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

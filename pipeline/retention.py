@@ -40,6 +40,9 @@ def plan_retention(output_dir: Path, cache_dir: Path, keep: int, *, grace_second
 
     doomed: list[Path] = [record_path(output_dir, r.container_id, r.stamp) for r in pruned]
     doomed += sorted({Path(r.archive) for r in pruned} - needed_archives)
+    # A kept layer's gzip/zstd forms are kept too: their mappings (compressed/*.json) name diff_id and digest.
+    mappings = _read_mappings(cache_dir)
+    needed_blobs |= {digest for diff_id, digest in mappings.values() if diff_id in needed_blobs}
     cutoff = time.time() - grace_seconds
     blob_dir = cache_dir / "blobs" / "sha256"
     doomed_blobs = {
@@ -56,8 +59,21 @@ def plan_retention(output_dir: Path, cache_dir: Path, keep: int, *, grace_second
             continue
         if diff_id.removeprefix("sha256:") in doomed_blobs:
             doomed.append(record_file)
+    doomed += [path for path, (_, digest) in sorted(mappings.items()) if digest in doomed_blobs]
     existing = [p for p in doomed if p.exists()]
     return RetentionPlan(tuple(kept), tuple(pruned), tuple(existing), sum(p.stat().st_size for p in existing))
+
+
+def _read_mappings(cache_dir: Path) -> dict[Path, tuple[str, str]]:
+    """Each compressed-blob mapping file, with the hex of the diff_id it compresses and of its own digest."""
+    mappings = {}
+    for path in sorted(cache_dir.glob("compressed/*.json")):
+        try:
+            doc = json.loads(path.read_bytes())
+            mappings[path] = (doc["diff_id"].removeprefix("sha256:"), doc["digest"].removeprefix("sha256:"))
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+    return mappings
 
 
 def apply_retention(plan: RetentionPlan) -> None:
