@@ -145,9 +145,12 @@ def test_file_changed_once_during_packing_is_packed_again(tmp_path: Path, caplog
     blob_dir = tmp_path / "cache" / "blobs" / "sha256"
 
     def truncate_once_packing_started() -> None:
+        # Only once the blob being written holds 16 MiB is big.bin surely being read (it was listed, and its
+        # header written): truncating earlier would merely be a smaller file, consistently packed.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if blob_dir.exists() and any(".partial-" in p.name for p in blob_dir.iterdir()):
+            partial = [p for p in blob_dir.iterdir() if ".partial-" in p.name] if blob_dir.exists() else []
+            if any(_size(p) > 16 << 20 for p in partial):
                 os.truncate(big, 1 << 20)
                 return
             time.sleep(0.0005)
@@ -161,6 +164,13 @@ def test_file_changed_once_during_packing_is_packed_again(tmp_path: Path, caplog
     assert record.size < 2 << 20
     with open(blob_dir / record.hex, "rb") as f:
         assert "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == record.diff_id
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 @pytest.mark.parametrize("damage", ["truncate", "alter"])
