@@ -43,8 +43,10 @@ def _run(argv: list[str], *, env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
-def _podman(work: Path) -> tuple[list[str], dict[str, str], Path]:
-    """podman's argv, environment and runroot, pointed only at directories of this check.
+def podman_command(
+    work: Path, *, driver: str = "vfs", root: Path | None = None
+) -> tuple[list[str], dict[str, str], Path]:
+    """podman's argv, environment and runroot, pointed only at directories under `work`.
 
     The storage.conf in `work` replaces the host's (CONTAINERS_STORAGE_CONF), so no host option (an overlay
     mount_program, another graphroot) applies; podman refuses a storage.conf without driver and runroot.
@@ -52,17 +54,17 @@ def _podman(work: Path) -> tuple[list[str], dict[str, str], Path]:
     --tmpdir keeps podman's alive lock and the events log (--events-backend file) under `work`;
     --network-config-dir keeps netavark's lock file out of /etc; --cgroup-manager cgroupfs avoids asking systemd.
     """
-    root = work / "podroot"
-    runroot = Path(tempfile.gettempdir()) / f"imagecheck-{hashlib.sha256(os.fsencode(work)).hexdigest()[:16]}"
+    root = root or work / "podroot"
+    runroot = Path(tempfile.gettempdir()) / f"pr-{hashlib.sha256(os.fsencode(work)).hexdigest()[:16]}"
     conf = work / "storage.conf"
-    conf.write_text(f'[storage]\ndriver = "vfs"\nrunroot = "{runroot}"\ngraphroot = "{root}"\n')
+    conf.write_text(f'[storage]\ndriver = "{driver}"\nrunroot = "{runroot}"\ngraphroot = "{root}"\n')
     argv = [
         "podman",
         "--root", str(root),
         "--runroot", str(runroot),
         "--tmpdir", str(work / "podtmp"),
         "--network-config-dir", str(work / "podnet"),
-        "--storage-driver", "vfs",
+        "--storage-driver", driver,
         "--cgroup-manager", "cgroupfs",
         "--events-backend", "file",
     ]  # fmt: skip
@@ -322,7 +324,7 @@ def check_image_archive(archive: Path, expected: TreeView, work: Path, *, ref: s
     _run(["umoci", "unpack", "--image", f"{oci}:check", str(work / "bundle")])
     compare_trees(expected, read_tree(work / "bundle/rootfs"), label="umoci")
 
-    podman, env, runroot = _podman(work.resolve())
+    podman, env, runroot = podman_command(work.resolve())
     try:
         _run([*podman, "load", "--quiet", "-i", str(archive)], env=env)
         mounted = Path(_run([*podman, "image", "mount", ref], env=env).strip())
@@ -362,7 +364,7 @@ def check_oci_image(image: Path, expected: TreeView, work: Path, *, tag: str, re
         _run(["umoci", "unpack", "--image", f"{layout}:check", str(work / "bundle")])
         compare_trees(expected, read_tree(work / "bundle/rootfs"), label=f"umoci via {transport}")
 
-    podman, env, runroot = _podman(work.resolve())
+    podman, env, runroot = podman_command(work.resolve())
     try:
         loaded = _run([*podman, "load", "-i", str(image)], env=env)
         if transport == "oci":

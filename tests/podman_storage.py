@@ -3,7 +3,6 @@ committed on top of it, and a created container changed through `podman mount`, 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
@@ -13,6 +12,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests import imagecheck
 from tests.overlay_storage import CAPABILITY_NET_RAW, TreeView, read_tree
 
 FIXED_MTIME = 1_700_000_000
@@ -60,27 +60,8 @@ def run_podman(podman: list[str], env: dict[str, str], *args: str) -> str:
 
 
 def podman_command(work: Path) -> tuple[list[str], dict[str, str], Path]:
-    """podman's argv and environment for a private overlay storage under work, and its runroot.
-
-    As in tests.imagecheck: a storage.conf replaces the host's; the runroot must stay under 50 characters, so it
-    lives in /tmp/pr-<hash of work>; --tmpdir, --network-config-dir and --events-backend file keep podman's own
-    files under work, --cgroup-manager cgroupfs avoids asking systemd.
-    """
-    root = work / "storage"
-    runroot = Path("/tmp") / f"pr-{hashlib.sha256(os.fsencode(work)).hexdigest()[:12]}"
-    conf = work / "storage.conf"
-    conf.write_text(f'[storage]\ndriver = "overlay"\nrunroot = "{runroot}"\ngraphroot = "{root}"\n')
-    argv = [
-        "podman",
-        "--root", str(root),
-        "--runroot", str(runroot),
-        "--tmpdir", str(work / "podtmp"),
-        "--network-config-dir", str(work / "podnet"),
-        "--storage-driver", "overlay",
-        "--cgroup-manager", "cgroupfs",
-        "--events-backend", "file",
-    ]  # fmt: skip
-    return argv, {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf)}, runroot
+    """podman's argv and environment for a private overlay storage under work/storage, and its runroot."""
+    return imagecheck.podman_command(work, driver="overlay", root=work / "storage")
 
 
 def _add(tar: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, **fields: object) -> None:
