@@ -555,15 +555,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    for tool in ("tar", "sha256sum", "skopeo"):
+def find_luigi(tools: tuple[str, ...]) -> Path | None:
+    """The venv's luigi once every tool is on PATH; None, after an error line, when something is missing."""
+    for tool in tools:
         if shutil.which(tool) is None:
             print(f"error: {tool} is not on PATH", file=sys.stderr)
-            return 2
+            return None
     luigi = Path(sys.executable).parent / "luigi"
     if not luigi.exists():
         print(f"error: {luigi} not found; run with the project's .venv/bin/python", file=sys.stderr)
+        return None
+    return luigi
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    luigi = find_luigi(("tar", "sha256sum", "skopeo"))
+    if luigi is None:
         return 2
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -491,13 +491,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for tool in ("tar", "sha256sum", "skopeo"):
-        if shutil.which(tool) is None:
-            print(f"error: {tool} is not on PATH", file=sys.stderr)
-            return 2
-    luigi = Path(sys.executable).parent / "luigi"
-    if not luigi.exists():
-        print(f"error: {luigi} not found; run with the project's .venv/bin/python", file=sys.stderr)
+    luigi = cb.find_luigi(("tar", "sha256sum", "skopeo"))
+    if luigi is None:
         return 2
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
