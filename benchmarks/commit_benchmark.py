@@ -156,11 +156,9 @@ def build_container_layer(diff: Path, scale: float) -> tuple[int, int]:
     return files + 1, written
 
 
-def ensure_storage(workdir: Path, scale: float) -> Path:
-    """The storage root for scale under workdir: reused when complete, else (re)built; returns the root."""
-    home = workdir / f"storage-scale{scale:g}"
+def reuse_built(home: Path, wanted: dict[str, object]) -> bool:
+    """Whether home holds a complete build for wanted (its COMPLETE.json says so); if not, home is cleared."""
     marker = home / "COMPLETE.json"
-    wanted = {"version": FORMAT_VERSION, "scale": scale}
     if marker.exists():
         try:
             done = json.loads(marker.read_text())
@@ -168,9 +166,18 @@ def ensure_storage(workdir: Path, scale: float) -> Path:
             done = {}
         if {k: done.get(k) for k in wanted} == wanted:
             print(f"storage: reusing {home / 'root'} ({done['files']} files, {done['bytes'] / MB:.0f} MB)")
-            return home / "root"
+            return True
     if home.exists():
         shutil.rmtree(home)
+    return False
+
+
+def ensure_storage(workdir: Path, scale: float) -> Path:
+    """The storage root for scale under workdir: reused when complete, else (re)built; returns the root."""
+    home = workdir / f"storage-scale{scale:g}"
+    wanted: dict[str, object] = {"version": FORMAT_VERSION, "scale": scale}
+    if reuse_built(home, wanted):
+        return home / "root"
     print(f"storage: building {home / 'root'} at scale {scale:g} ...", flush=True)
     start = time.perf_counter()
     root = home / "root"
@@ -200,7 +207,7 @@ def ensure_storage(workdir: Path, scale: float) -> Path:
     (root / "containers" / CONTAINER_ID).mkdir(parents=True)
     (root / "containers" / CONTAINER_ID / "config.json").write_text(json.dumps(config))
     os.sync()
-    marker.write_text(json.dumps({**wanted, "files": files, "bytes": written}))
+    (home / "COMPLETE.json").write_text(json.dumps({**wanted, "files": files, "bytes": written}))
     print(f"storage: {files} files, {written / MB:.0f} MB in {time.perf_counter() - start:.1f}s")
     return root
 

@@ -103,18 +103,14 @@ def build_fleet_layer(diff: Path, index: int) -> tuple[int, int]:
 def ensure_fleet(workdir: Path, scale: float, count: int) -> Path:
     """The fleet's storage root under workdir: reused when complete, else (re)built; returns the root."""
     home = workdir / f"fleet-scale{scale:g}-n{count}"
-    marker = home / "COMPLETE.json"
-    wanted = {"version": FORMAT_VERSION, "commit_benchmark_version": cb.FORMAT_VERSION, "scale": scale, "n": count}
-    if marker.exists():
-        try:
-            done = json.loads(marker.read_text())
-        except ValueError:
-            done = {}
-        if {k: done.get(k) for k in wanted} == wanted:
-            print(f"storage: reusing {home / 'root'} ({done['files']} files, {done['bytes'] / MB:.0f} MB)")
-            return home / "root"
-    if home.exists():
-        shutil.rmtree(home)
+    wanted: dict[str, object] = {
+        "version": FORMAT_VERSION,
+        "commit_benchmark_version": cb.FORMAT_VERSION,
+        "scale": scale,
+        "n": count,
+    }
+    if cb.reuse_built(home, wanted):
+        return home / "root"
     print(f"storage: building {home / 'root'} at scale {scale:g} with {count} containers ...", flush=True)
     start = time.perf_counter()
     root = home / "root"
@@ -143,7 +139,7 @@ def ensure_fleet(workdir: Path, scale: float, count: int) -> Path:
         (root / "containers" / container_id).mkdir(parents=True)
         (root / "containers" / container_id / "config.json").write_text(json.dumps(config))
     os.sync()
-    marker.write_text(json.dumps({**wanted, "files": files, "bytes": written}))
+    (home / "COMPLETE.json").write_text(json.dumps({**wanted, "files": files, "bytes": written}))
     print(f"storage: {files} files, {written / MB:.0f} MB in {time.perf_counter() - start:.1f}s")
     return root
 

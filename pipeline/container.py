@@ -140,3 +140,12 @@ def checked_layer_dir(layers_root: Path, layer_id: str, container_id: str, *, li
             " the storage is incomplete or uses another storage driver than overlay"
         )
     return layer_dir
+
+
+def list_container_dirs(containers_dir: Path, pattern: re.Pattern[str]) -> list[str]:
+    """The sorted names of the directories in containers_dir that match pattern (engines keep one per container)."""
+    try:
+        names = os.listdir(containers_dir)
+    except OSError as e:
+        raise StorageError(f"{containers_dir}: cannot list containers ({e.strerror}); check --storage-root") from e
+    return sorted(n for n in names if pattern.fullmatch(n) and (containers_dir / n).is_dir())

@@ -7,12 +7,18 @@ layer/filestore.go and layer/layer_store.go (image/overlay2/layerdb/{sha256,moun
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.container import Container, Layer, check_id_text, checked_layer_dir, pick_image_config
+from pipeline.container import (
+    Container,
+    Layer,
+    check_id_text,
+    checked_layer_dir,
+    list_container_dirs,
+    pick_image_config,
+)
 from pipeline.errors import ContainerNotFound, StorageError
 
 _CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
@@ -35,13 +41,7 @@ class DockerStorage:
         self._layers_root = root / "overlay2"
 
     def list_containers(self) -> list[str]:
-        try:
-            names = os.listdir(self._containers)
-        except OSError as e:
-            raise StorageError(
-                f"{self._containers}: cannot list containers ({e.strerror}); check --storage-root"
-            ) from e
-        return sorted(n for n in names if _CONTAINER_ID.fullmatch(n) and (self._containers / n).is_dir())
+        return list_container_dirs(self._containers, _CONTAINER_ID)
 
     def read_container(self, container_id: str) -> Container:
         check_id_text(container_id)

@@ -9,7 +9,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.container import Container, Layer, check_id_text, checked_layer_dir, pick_image_config
+from pipeline.container import (
+    Container,
+    Layer,
+    check_id_text,
+    checked_layer_dir,
+    list_container_dirs,
+    pick_image_config,
+)
 from pipeline.errors import StorageError
 
 _LAYER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
@@ -26,13 +33,7 @@ class RockerStorage:
         self._containers = root / "containers"
 
     def list_containers(self) -> list[str]:
-        try:
-            names = os.listdir(self._containers)
-        except OSError as e:
-            raise StorageError(
-                f"{self._containers}: cannot list containers ({e.strerror}); check --storage-root"
-            ) from e
-        return sorted(n for n in names if _LAYER_ID.fullmatch(n) and (self._containers / n).is_dir())
+        return list_container_dirs(self._containers, _LAYER_ID)
 
     def read_container(self, container_id: str) -> Container:
         check_id_text(container_id)
