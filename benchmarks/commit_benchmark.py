@@ -7,8 +7,9 @@ Compared methods, all on the same generated storage in the same run:
   (the seed has none, so its archive would not load), and a final `tar -cf` of everything; its temporary
   directory is removed at the end, as the seed's deferred RemoveAll does.
 - "ours cold": `luigi --module pipeline CommitImage` with an empty cache dir.
-- "ours warm": the same with the cache of an earlier run and a new --output, so only the container's own layer
-  is packed.
+- "ours warm": the same with the cache of an earlier run and a new --output: the container did not change, so
+  every layer (its own too, keyed by its upper dir's fingerprint) comes from the cache and only the archive is
+  written.
 - "podman commit + save" (only with --podman): an equivalent podman container, committed and saved.
 
 Every method runs once untimed first (to warm the page cache, and to validate its archive with

@@ -5,6 +5,7 @@ Layout: Docker Engine 25's `docker save` (blobs/sha256/<hex> referenced from man
 
 import errno
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,3 +87,25 @@ def _copy_file(path: Path, out_fd: int, size: int) -> None:
                 raise OSError(errno.EIO, f"{path} shrank while it was copied into the archive")
             _write_all(out_fd, buf[:n])
             remaining -= n
+
+
+def read_member(archive: Path, name: str, *, limit: int = 16 << 20) -> bytes | None:
+    """The bytes of one small member of an image archive (a tar, or an OCI layout directory), or None when the
+    archive is missing, unreadable, not an archive, or has no such member of at most limit bytes.
+
+    Only headers are read on the way (tarfile seeks over layer data), so this is cheap even for large archives.
+    """
+    try:
+        if archive.is_dir():
+            path = archive / name
+            if path.is_symlink() or not path.is_file() or path.stat().st_size > limit:
+                return None
+            return path.read_bytes()
+        with tarfile.open(archive, "r:") as tar:
+            for info in tar:
+                if info.name == name and info.isreg() and info.size <= limit:
+                    member = tar.extractfile(info)
+                    return member.read() if member is not None else None
+    except (OSError, tarfile.TarError, ValueError, EOFError):
+        return None
+    return None

@@ -1,5 +1,6 @@
 """Atomic, durable file writes: a temporary sibling, flushed and fsync'd, then renamed over the target."""
 
+import ctypes
 import errno
 import logging
 import os
@@ -46,7 +47,10 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield temp
         fsync_file(temp)
         failpoint.reached("atomic:before-rename")
-        os.replace(temp, final)
+        if temp.is_dir() and final.is_dir() and not final.is_symlink():
+            _replace_dir(temp, final)
+        else:
+            os.replace(temp, final)
     except OSError as e:
         _remove(temp)
         if e.errno in _NO_SPACE:
@@ -57,6 +61,23 @@ def atomic_path(final: Path) -> Iterator[Path]:
         raise
     failpoint.reached("atomic:after-rename")
     fsync_dir(final.parent)
+
+
+def _replace_dir(temp: Path, final: Path) -> None:
+    """Put the directory temp in place of the existing directory final in one step (renameat2's
+    RENAME_EXCHANGE, Linux 3.15+), then remove the old one, which temp now names; rename(2) cannot replace a
+    non-empty directory. Where the filesystem cannot exchange, the old directory is moved aside first."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, os.fsencode(temp), at_fdcwd, os.fsencode(final), rename_exchange) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(final))
+        aside = partial_path(final)
+        os.rename(final, aside)
+        os.rename(temp, final)
+        temp = aside
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def write_bytes_atomic(final: Path, data: bytes) -> None:

@@ -6,14 +6,21 @@ leaves every record whole. catalog.jsonl is rebuilt from the records after each 
 SQLite was rejected because one shared database file needs cross-process locking that luigi targets avoid.
 """
 
+import fcntl
 import json
+import logging
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import write_bytes_atomic
+from pipeline.atomic import make_dirs, write_bytes_atomic
 from pipeline.errors import StorageError
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = "catalog.jsonl"
 
@@ -35,6 +42,9 @@ class SnapshotRecord:
     duration: float
     status: str  # "new" | "reused"
     reused_from: str = ""
+    # Digest of what else the snapshot was made of: the image layers' keys and the container's metadata
+    # (commit.ContainerState); "" in records from before it was kept, which are then never reused.
+    source: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -58,6 +68,12 @@ def record_path(output_dir: Path, container_id: str, stamp: str) -> Path:
     return catalog_dir(output_dir) / "records" / container_id / f"{stamp}.json"
 
 
+def pruned_path(output_dir: Path, container_id: str, stamp: str) -> Path:
+    """The marker retention leaves for a snapshot it pruned: that snapshot is done, not missing, so a run still
+    in flight (or one re-run in its period) never takes it for work left to do."""
+    return catalog_dir(output_dir) / "pruned" / container_id / stamp
+
+
 def read_records(output_dir: Path, container_id: str | None = None) -> list[SnapshotRecord]:
     """All records (of one container, if given), oldest stamp first."""
     root = catalog_dir(output_dir) / "records"
@@ -65,7 +81,11 @@ def read_records(output_dir: Path, container_id: str | None = None) -> list[Snap
     records = []
     for directory in dirs:
         for path in sorted(directory.glob("*.json")):
-            records.append(SnapshotRecord.from_json(path.read_bytes(), path))
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:  # pruned by retention since it was listed
+                continue
+            records.append(SnapshotRecord.from_json(data, path))
     return sorted(records, key=lambda r: (r.stamp, r.name, r.container_id))
 
 
@@ -73,6 +93,15 @@ def previous_record(output_dir: Path, container_id: str, stamp: str) -> Snapshot
     """The container's latest snapshot taken before stamp whose archive still exists."""
     earlier = [r for r in read_records(output_dir, container_id) if r.stamp < stamp and Path(r.archive).exists()]
     return earlier[-1] if earlier else None
+
+
+def read_record(output_dir: Path, container_id: str, stamp: str) -> SnapshotRecord:
+    path = record_path(output_dir, container_id, stamp)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise StorageError(f"{path}: cannot read the snapshot record ({e.strerror}); re-run the snapshot") from e
+    return SnapshotRecord.from_json(data, path)
 
 
 def reuse_record(previous: SnapshotRecord, stamp: str, duration: float) -> SnapshotRecord:
@@ -84,6 +113,33 @@ def reuse_record(previous: SnapshotRecord, stamp: str, duration: float) -> Snaps
         status="reused",
         reused_from=previous.reused_from or previous.stamp,
     )
+
+
+@contextmanager
+def locked(output_dir: Path) -> Iterator[None]:
+    """Exclusive use of the catalog (flock), for what reads many records and deletes some: the index and
+    retention. Records themselves are written without it (each is its own file, written atomically)."""
+    directory = catalog_dir(output_dir)
+    make_dirs(directory)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_targets(paths: list[Path]) -> list[SnapshotRecord]:
+    """The records at paths; one pruned meanwhile by an overlapping run's retention is left out, with a note."""
+    records = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            log.info("%s: pruned by another run's retention since it was written", path)
+            continue
+        records.append(SnapshotRecord.from_json(data, path))
+    return records
 
 
 def write_index(output_dir: Path) -> Path:

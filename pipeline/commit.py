@@ -2,51 +2,120 @@
 
 import errno
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pipeline import compression, freezer, ocilayout
-from pipeline.archive import Member, archive_size, write_image_archive
+from pipeline.archive import Member, archive_size, read_member, write_image_archive
 from pipeline.atomic import atomic_path, make_dirs, no_space_error
 from pipeline.cache import LayerCache
 from pipeline.compression import CompressedBlob
 from pipeline.container import Container, Layer, Storage, resolve_container
 from pipeline.dockerfile import apply_changes
-from pipeline.errors import OutputError, PipelineError
-from pipeline.imageconfig import CommitOptions, build_image_config, digest_of, encode_json
+from pipeline.errors import OutputError, PipelineError, SourceChanged
+from pipeline.imageconfig import EMPTY_LAYER_DIFF_ID, CommitOptions, build_image_config, digest_of, encode_json
 from pipeline.layer import LayerRecord, scan_layer
 from pipeline.manifest import blob_name, build_manifest, build_repositories
 from pipeline.reference import Reference, build_reference_from_name, parse_reference
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """One layer as this run found it: its layer_dir and a key that changes whenever its content may have.
+
+    The key is the diff_id the engine recorded for an image layer; where the engine records none (rocker), the
+    layer's real path with a metadata fingerprint of its directory; for the container's own layer, its id with
+    the fingerprint of its upper dir. Cache records are named by the key, so a layer directory rebuilt in place
+    or a container changed since is never taken for what was packed before.
+    """
+
+    layer_dir: str
+    key: str
+    tar_split: str = ""
+    diff_id: str = ""
+
+    def as_param(self) -> tuple[str, str, str, str]:
+        return (self.layer_dir, self.key, self.tar_split, self.diff_id)
+
+    @classmethod
+    def from_param(cls, value: Sequence[str]) -> "LayerSource":
+        layer_dir, key, tar_split, diff_id = value
+        return cls(layer_dir, key, tar_split, diff_id)
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """What a commit of a container is made from, taken once per run: its layers' keys and the digest of its
+    metadata (its settings, its base image's config, the --config file), so every target derived from them can
+    be named by them."""
+
+    lower: tuple[LayerSource, ...]
+    upper: LayerSource
+    metadata: str
+
+
+def read_state(storage: Storage, container: Container, config_file: str = "") -> ContainerState:
+    """The container's state at this moment (metadata walks only; no file content is read)."""
+    lower = tuple(
+        LayerSource(
+            str(layer.layer_dir),
+            layer.diff_id or f"dir:{os.path.realpath(layer.layer_dir)}:{scan_layer(layer.layer_dir).fingerprint}",
+            str(layer.tar_split or ""),
+            layer.diff_id,
+        )
+        for layer in container.lower_layers
+    )
+    upper_dir = container.layer.layer_dir
+    upper = LayerSource(str(upper_dir), f"upper:{container.container_id}:{scan_layer(upper_dir).fingerprint}")
+    settings = {k: v for k, v in asdict(container).items() if k not in ("running", "pid", "lower_layers", "layer")}
+    doc = {
+        "container": settings,
+        "base": storage.read_base_config(container),
+        "config_file": read_config_file(config_file),
+    }
+    # ASCII escapes: metadata from the storage may hold lone surrogates, which have no UTF-8 encoding.
+    return ContainerState(lower, upper, digest_of(json.dumps(doc, sort_keys=True, default=str).encode()))
+
 
 @dataclass(frozen=True)
 class CommitPlan:
-    """What a commit request resolves to: one container, one image reference, one archive path."""
+    """What a commit request resolves to: one container in its present state, one image reference, one archive
+    path."""
 
     container_id: str
     reference: Reference
     output: Path
+    state: ContainerState
 
 
 def plan_commit(
-    storage: Storage, id_text: str, image: str, output: str, output_dir: Path, fmt: str = "both"
+    storage: Storage,
+    id_text: str,
+    image: str,
+    output: str,
+    output_dir: Path,
+    fmt: str | None = "both",
+    config_file: str = "",
 ) -> CommitPlan:
-    """Resolve the user's id prefix, image reference and output path, refusing anything invalid up front."""
+    """Resolve the user's id, image reference and output path (none when fmt is None: a push writes no archive),
+    refusing anything invalid up front, and take the container's state."""
     container_id = resolve_container(storage, id_text)
-    if image:
-        reference = parse_reference(image)
-    else:
-        reference = build_reference_from_name(storage.read_container(container_id).name, container_id)
-    path = Path(output) if output else default_output(output_dir, reference, fmt)
-    path = Path(os.path.abspath(path))
-    check_writable(path, fmt)
-    return CommitPlan(container_id, reference, path)
+    container = storage.read_container(container_id)
+    reference = parse_reference(image) if image else build_reference_from_name(container.name, container_id)
+    path = Path()
+    if fmt is not None:
+        path = Path(os.path.abspath(Path(output) if output else default_output(output_dir, reference, fmt)))
+        check_writable(path, fmt)
+    return CommitPlan(container_id, reference, path, read_state(storage, container, config_file))
 
 
 def default_output(output_dir: Path, reference: Reference, fmt: str = "both") -> Path:
@@ -95,6 +164,24 @@ def build_config_bytes(
     return encode_json(config)
 
 
+def image_layers(records: Sequence[LayerRecord], *, squash: bool) -> list[LayerRecord]:
+    """The layers an image of these records holds: all but a container layer with no changes (an empty tar),
+    which docker commit leaves out, marking its history entry empty_layer instead (moby daemon/images/
+    image_commit.go: the diff_id is appended only when it is not layer.DigestSHA256EmptyTar)."""
+    if not squash and len(records) > 1 and records[-1].diff_id == EMPTY_LAYER_DIFF_ID:
+        return list(records[:-1])
+    return list(records)
+
+
+def read_diff_ids(config_path: Path) -> list[str] | None:
+    """The rootfs.diff_ids of the image config at config_path, or None when it is missing or unreadable."""
+    try:
+        diff_ids = json.loads(config_path.read_bytes())["rootfs"]["diff_ids"]
+    except (OSError, ValueError, LookupError, TypeError):
+        return None
+    return diff_ids if isinstance(diff_ids, list) else None
+
+
 def check_options(changes: tuple[str, ...], config_file: str) -> None:
     """Raise the error a bad --change or --config would cause later, now."""
     apply_changes(read_config_file(config_file), list(changes))
@@ -125,6 +212,16 @@ def layer_blobs(
     """The stored blob of each layer: the cached tar itself, or its gzip/zstd form (compressed once per cache)."""
     chosen = compression.default_level(algorithm) if level is None else level
     return [compression.compress_blob(cache.root, record, algorithm, chosen) for record in records]
+
+
+def find_layer_blobs(
+    cache: LayerCache, records: Sequence[LayerRecord], algorithm: str, level: int | None
+) -> list[CompressedBlob] | None:
+    """The stored blob of each layer if every one is already in the cache, else None; never compresses (for
+    luigi's complete(), which must stay cheap)."""
+    chosen = compression.default_level(algorithm) if level is None else level
+    blobs = [compression.find_blob(cache.root, record, algorithm, chosen) for record in records]
+    return None if any(b is None for b in blobs) else [b for b in blobs if b is not None]
 
 
 def check_compression(algorithm: str, level: int | None, fmt: str) -> None:
@@ -193,6 +290,35 @@ def write_commit_output(
             raise OutputError(f"{dest}: cannot write the image archive ({e.strerror}); fix and re-run") from e
 
 
+def build_archive_identity(
+    fmt: str, config: bytes, layers: Sequence[CompressedBlob], reference: Reference, docker_manifest: bytes
+) -> tuple[str, bytes]:
+    """The archive member that says which image an archive of fmt holds, and its bytes: index.json (it names
+    the manifest digest, which covers the config and every layer blob, and the tag), or manifest.json for a
+    plain docker-archive. An archive holding exactly these bytes is the image this run would write."""
+    if fmt == "docker":
+        return "manifest.json", docker_manifest
+    manifest = encode_json(ocilayout.build_image_manifest(config, layers))
+    return "index.json", encode_json(ocilayout.build_index(manifest, reference))
+
+
+def read_image_id(archive: Path) -> str | None:
+    """The image id (config digest) of the image archive at archive, or None when it holds no readable image."""
+    try:
+        docker = read_member(archive, "manifest.json")
+        if docker is not None:
+            config_name = json.loads(docker)[0]["Config"]
+            return "sha256:" + str(config_name).rpartition("/")[2].removesuffix(".json")
+        index = read_member(archive, "index.json")
+        if index is None:
+            return None
+        manifest_digest = str(json.loads(index)["manifests"][0]["digest"])
+        manifest = read_member(archive, blob_name(manifest_digest))
+        return None if manifest is None else str(json.loads(manifest)["config"]["digest"])
+    except (ValueError, LookupError, TypeError, AttributeError):
+        return None
+
+
 def check_free_space(dest: Path, needed: int) -> None:
     """Refuse before writing when dest's filesystem cannot hold needed bytes."""
     make_dirs(dest.parent)
@@ -248,3 +374,21 @@ def pack_scanned_layer(
     scan = scan_layer(layer_dir)
     record = cache.pack_layer(layer_dir, clamp_mtime=clamp_mtime, progress=lambda done: report(done, scan.file_bytes))
     return replace(record, fingerprint=scan.fingerprint)
+
+
+def pack_container_layer(
+    cache: LayerCache, layer_dir: Path, *, clamp_mtime: int | None, report: Callable[[int, int], None]
+) -> LayerRecord:
+    """The container's upper dir packed, its fingerprint taken before packing and again after, so the record
+    describes one state of the container: an entry added, removed or rewritten meanwhile (even one packing had
+    already passed) makes the layer be packed once more, and a second change is an error."""
+    for attempt in (1, 2):
+        record = pack_scanned_layer(cache, layer_dir, clamp_mtime=clamp_mtime, report=report)
+        if scan_layer(layer_dir).fingerprint == record.fingerprint:
+            return record
+        if attempt == 1:
+            log.warning("%s: the container's layer changed while it was packed; packing it again", layer_dir)
+    raise SourceChanged(
+        f"{layer_dir}: the container's layer changed while it was packed (twice); pause the container"
+        " (--pause true) or stop writes to it, then re-run"
+    )

@@ -267,6 +267,15 @@ def compress_blob(
     return blob
 
 
+def find_blob(cache_root: Path, record: LayerRecord, algorithm: str, level: int) -> CompressedBlob | None:
+    """The blob compress_blob would return, if it is already in the cache intact; None otherwise (nothing is
+    compressed)."""
+    if algorithm == "none":
+        return CompressedBlob(record.diff_id, record.size, record.diff_id, "none", 0, MEDIA_TYPES["none"])
+    mapping = mapping_path(cache_root, record.diff_id, algorithm, level)
+    return _read_mapping(LayerCache(cache_root), mapping, record, algorithm, level)
+
+
 def _check_source(source: Path, record: LayerRecord) -> None:
     try:
         size = source.stat().st_size

@@ -16,8 +16,9 @@ _ID_OR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
 class Layer:
     """One overlay layer: its id in the engine's storage and its layer_dir (a diff/ directory).
 
-    Engines that kept the layer's original tar as tar-split records name them, with the diff_id the original
-    had, so the layer can be reassembled byte for byte instead of re-packed.
+    diff_id is the digest the engine recorded for the layer ("" where it records none, as rocker): it identifies
+    the layer's content in the cache. Engines that kept the layer's original tar as tar-split records name them,
+    so the layer can be reassembled byte for byte (to that diff_id) instead of re-packed.
     """
 
     layer_id: str
@@ -40,6 +41,11 @@ class Container:
     layer: Layer
     # The container's own settings in Docker image-config keys (Cmd, Env, ...), applied over the base image's.
     config: dict[str, Any] = field(default_factory=dict)
+    # The container's whole Docker Config (DOCKER_CONFIG_FIELDS; null values kept), where the engine records it
+    # with the image's defaults already merged in at create time (moby daemon/create.go): docker commit writes
+    # exactly that, so it replaces the base image's config instead of being merged over it. None where the engine
+    # records only some settings (rocker, podman): then `config` is merged over the base image's config.
+    full_config: dict[str, Any] | None = None
 
     @property
     def short_id(self) -> str:
@@ -75,16 +81,21 @@ def check_id_text(text: str) -> None:
 
 
 def resolve_container(storage: Storage, text: str) -> str:
-    """The full id of the one container whose id starts with text or whose name is text."""
+    """The full id of the container text names, in docker's and podman's order: an exact full id, then an exact
+    name, then a unique id prefix (so a name that is also a prefix of another container's id names its own)."""
     check_id_text(text)
     ids = storage.list_containers()
     if text in ids:
         return text
-    matches = [i for i in ids if i.startswith(text)]
+    unreadable: list[StorageError] = []
+    matches = [i for i in ids if _name_of(storage, i, unreadable) == text]
     if not matches:
-        matches = [i for i in ids if storage.read_container(i).name.lstrip("/") == text]
+        matches = [i for i in ids if i.startswith(text)]
     if len(matches) == 1:
         return matches[0]
+    if not matches and unreadable:
+        # The container meant may be the one whose metadata is damaged: that error says what to fix.
+        raise unreadable[0]
     if not matches:
         known = ", ".join(i[:12] for i in ids[:10]) or "none"
         raise ContainerNotFound(
@@ -92,6 +103,15 @@ def resolve_container(storage: Storage, text: str) -> str:
         )
     names = ", ".join(i[:16] for i in matches[:10])
     raise ContainerNotFound(f"container id {text!r} is ambiguous: it matches {names}; type more of the id")
+
+
+def _name_of(storage: Storage, container_id: str, unreadable: list[StorageError]) -> str | None:
+    # Another container's damaged metadata must not stop this one being found by its name or id.
+    try:
+        return storage.read_container(container_id).name.lstrip("/")
+    except StorageError as e:
+        unreadable.append(e)
+        return None
 
 
 # Container config keys that mean the same in a Docker image config, with the JSON type each must have; docker
@@ -121,6 +141,72 @@ def pick_image_config(config: dict[str, Any], where: Path) -> dict[str, Any]:
             if not isinstance(value, kind):
                 raise StorageError(f"{where}: Config.{key} must be a JSON {kind.__name__}; fix or recreate it")
             picked[key] = value
+    return picked
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One field of moby's api/types/container.Config: its JSON type, and how encoding/json writes it empty."""
+
+    kind: type
+    # `json:",omitempty"`: left out when false, "", null or empty (a pointer field only when null).
+    omitempty: bool = False
+    pointer: bool = False
+
+    def zero(self) -> Any:
+        """What Go writes for the field when it was never set: "" and false, null for slices, maps, pointers."""
+        return self.kind() if self.kind in (str, bool) else None
+
+    def omitted(self, value: Any) -> bool:
+        if self.pointer:
+            return value is None
+        return self.omitempty and (value is None or value is False or value == "" or value == [] or value == {})
+
+
+# moby's api/types/container.Config (v20.10), in its order: docker commit writes the container's Config, every one
+# of these fields, as the image's "config" (daemon/commit.go CreateImageFromContainer hands container.Config to
+# image/image.go NewChildImage), so Hostname, Tty, Image and the rest come from the container, not the base image.
+DOCKER_CONFIG_FIELDS: dict[str, ConfigField] = {
+    "Hostname": ConfigField(str),
+    "Domainname": ConfigField(str),
+    "User": ConfigField(str),
+    "AttachStdin": ConfigField(bool),
+    "AttachStdout": ConfigField(bool),
+    "AttachStderr": ConfigField(bool),
+    "ExposedPorts": ConfigField(dict, omitempty=True),
+    "Tty": ConfigField(bool),
+    "OpenStdin": ConfigField(bool),
+    "StdinOnce": ConfigField(bool),
+    "Env": ConfigField(list),
+    "Cmd": ConfigField(list),
+    "Healthcheck": ConfigField(dict, pointer=True),
+    "ArgsEscaped": ConfigField(bool, omitempty=True),
+    "Image": ConfigField(str),
+    "Volumes": ConfigField(dict),
+    "WorkingDir": ConfigField(str),
+    "Entrypoint": ConfigField(list),
+    "NetworkDisabled": ConfigField(bool, omitempty=True),
+    "MacAddress": ConfigField(str, omitempty=True),
+    "OnBuild": ConfigField(list),
+    "Labels": ConfigField(dict),
+    "StopSignal": ConfigField(str, omitempty=True),
+    "StopTimeout": ConfigField(int, pointer=True),
+    "Shell": ConfigField(list, omitempty=True),
+}
+
+
+def pick_docker_config(config: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The DOCKER_CONFIG_FIELDS of a docker container's Config as recorded, null values kept (null is "none" there:
+    the image's defaults were merged in when the container was created), each checked for its JSON type."""
+    picked = {}
+    for key, spec in DOCKER_CONFIG_FIELDS.items():
+        if key not in config:
+            continue
+        value = config[key]
+        # bool is an int in Python; a JSON true is no StopTimeout.
+        if value is not None and (not isinstance(value, spec.kind) or (spec.kind is int and isinstance(value, bool))):
+            raise StorageError(f"{where}: Config.{key} must be a JSON {spec.kind.__name__}; fix or recreate it")
+        picked[key] = value
     return picked
 
 

@@ -10,8 +10,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.container import Container
+from pipeline.container import DOCKER_CONFIG_FIELDS, Container
 from pipeline.dockerfile import apply_changes
+
+# moby layer/empty.go DigestSHA256EmptyTar: the diff_id of a tar with no entries (1024 zero bytes), which is what a
+# container layer with no changes packs to. docker commit keeps no such layer: its history entry says empty_layer.
+EMPTY_LAYER_DIFF_ID = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
 
 # Go's GOARCH names, which image configs use, for what the kernel reports.
 _GOARCH = {
@@ -68,16 +72,39 @@ def build_image_config(
     options: CommitOptions | None = None,
 ) -> dict[str, Any]:
     """The config of the committed image: the base image's settings, the container's own, then --config and
-    --change, in that order (later wins), as docker commit applies them."""
+    --change, in that order (later wins), as docker commit applies them.
+
+    diff_ids are those of the layers the image keeps, oldest first: the lower layers', then the container's. A
+    caller that leaves out a container layer with no changes (its tar is EMPTY_LAYER_DIFF_ID) gets docker's
+    empty-layer history entry for it.
+
+    What moby v20.10 writes (daemon/commit.go CreateImageFromContainer, daemon/images/image_commit.go CommitImage,
+    image/image.go NewChildImage) and where this differs on purpose:
+    - "config": the container's Config with --change applied; see _container_config. Our canonical JSON sorts keys.
+    - "created", and the new history entry's: whole seconds (SOURCE_DATE_EPOCH gives byte-identical configs);
+      docker writes the commit time with nanoseconds.
+    - "container_config" (the container's Config before --change) and "docker_version" are not written. Neither is
+      in Docker's image spec v1.2 nor the OCI config; docker load, run and history never read them; image inspect
+      deprecated ContainerConfig in Docker 25 and drops it from API 1.45 (Docker 26) on, and the containerd image
+      store (daemon/containerd/image_commit.go) writes neither. A docker_version would name an engine that did not
+      make the image. Older engines' image inspect shows them empty (DockerVersion "", ContainerConfig zeroed).
+    - "container", "author", "architecture" (the base's, else the host's), "variant", "os.version" and
+      "os.features" (the base's): as docker.
+    """
     options = options or CommitOptions()
     base = base or {}
-    base_config = base.get("config") if isinstance(base.get("config"), dict) else {}
-    config = merge_config({**(base_config or {}), **container.config}, options.extra_config)
+    container_config = _container_config(container, base)
+    config = merge_config(container_config, options.extra_config)
     config = apply_changes(config, list(options.changes))
+    if container.full_config is not None:
+        config = _docker_json_shape(config)
     created_text = format_created(created)
+    empty_layer = not options.squash and len(diff_ids) == len(container.lower_layers)
     history = _build_history(container, base, created_text)
+    history.append(_commit_history_entry(container, container_config, created_text, empty_layer=empty_layer))
     if options.squash:
-        history = [{"created": created_text, "created_by": f"{history[-1]['created_by']}, squashed"}]
+        by = history[-1].get("created_by")
+        history = [{"created": created_text, "created_by": f"{by}, squashed" if by else "squashed"}]
     if options.author:
         history[-1]["author"] = options.author
     if options.message:
@@ -91,9 +118,44 @@ def build_image_config(
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
         "history": history,
     }
+    # NewChildImage carries the base's platform details over with its architecture.
+    for key in ("variant", "os.version", "os.features"):
+        if base.get(key):
+            image[key] = base[key]
     if options.author:
         image["author"] = options.author
     return image
+
+
+def _container_config(container: Container, base: dict[str, Any]) -> dict[str, Any]:
+    """The config the container runs with, before --config and --change: what docker commit starts from."""
+    if container.full_config is not None:
+        # docker keeps the container's whole Config, the image's defaults merged in at create time, and commit
+        # writes it as it is: a null Entrypoint or Cmd (`--entrypoint ''`) stays null, Hostname, Tty, AttachStdout
+        # and the like are the container's, and Image is what it was created from as the operator typed it.
+        # daemon/commit.go merge() gives a container without labels an empty map, so Labels is never null.
+        return {**container.full_config, "Labels": container.full_config.get("Labels") or {}}
+    base_config = base.get("config") if isinstance(base.get("config"), dict) else {}
+    config = {**(base_config or {}), **container.config}
+    # The base's own Config.Image names the image *it* was built from (a stale id here); docker writes the
+    # reference the container was created from. Where the engine records none, the stale one is dropped.
+    config.pop("Image", None)
+    if container.image:
+        config["Image"] = container.image
+    return config
+
+
+def _docker_json_shape(config: dict[str, Any]) -> dict[str, Any]:
+    """config as Go's encoding/json writes moby's container.Config: every field, null or zero when unset (an
+    ENTRYPOINT change clears Cmd to null), omitempty fields left out when empty; other keys (--config) kept."""
+    shaped = {}
+    for key, spec in DOCKER_CONFIG_FIELDS.items():
+        value = config.get(key)
+        if value is None:
+            value = spec.zero()
+        if not spec.omitted(value):
+            shaped[key] = value
+    return shaped | {k: v for k, v in config.items() if k not in DOCKER_CONFIG_FIELDS}
 
 
 def merge_config(config: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -111,8 +173,9 @@ def merge_config(config: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any
 
 
 def _build_history(container: Container, base: dict[str, Any], created: str) -> list[dict[str, Any]]:
-    # The spec pairs every non-empty history entry with one diff_id, in order; keep the base's own history
-    # only when it pairs exactly with the lower layers, else describe each layer ourselves.
+    """The lower layers' history entries. The spec pairs every non-empty history entry with one diff_id, in
+    order; keep the base's own history only when it pairs exactly with the lower layers, else describe each
+    layer ourselves."""
     base_history = base.get("history")
     history: list[dict[str, Any]]
     if (
@@ -126,6 +189,24 @@ def _build_history(container: Container, base: dict[str, Any], created: str) -> 
             {"created": created, "created_by": f"layer {layer.layer_id} of image {container.image or '(none)'}"}
             for layer in container.lower_layers
         ]
-    name = container.name.lstrip("/") or container.short_id
-    history.append({"created": created, "created_by": f"commit of container {name} ({container.container_id})"})
     return history
+
+
+def _commit_history_entry(
+    container: Container, container_config: dict[str, Any], created: str, *, empty_layer: bool
+) -> dict[str, Any]:
+    """The history entry of the container's layer. docker's created_by is the container's Cmd (before --change)
+    joined by spaces, without its Entrypoint, and left out when the Cmd is empty (image/image.go NewChildImage);
+    a layer whose tar is the empty tar is marked empty_layer and adds no diff_id (layer.IsEmpty)."""
+    entry: dict[str, Any] = {"created": created}
+    cmd = container_config.get("Cmd")
+    created_by = " ".join(str(arg) for arg in cmd) if isinstance(cmd, list) else ""
+    if not created_by and container.full_config is None:
+        # The engine may simply not record the command: name the container instead of saying nothing.
+        name = container.name.lstrip("/") or container.short_id
+        created_by = f"commit of container {name} ({container.container_id})"
+    if created_by:
+        entry["created_by"] = created_by
+    if empty_layer:
+        entry["empty_layer"] = True
+    return entry

@@ -8,8 +8,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.atomic import is_partial
-from pipeline.catalog import SnapshotRecord, read_records, record_path
+from pipeline.atomic import is_partial, make_dirs
+from pipeline.catalog import SnapshotRecord, pruned_path, read_records, record_path
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,7 @@ class RetentionPlan:
     pruned: tuple[SnapshotRecord, ...]
     paths: tuple[Path, ...]  # records, archives, cache blobs and cache records to delete
     freed_bytes: int
+    markers: tuple[Path, ...] = ()  # catalog.pruned_path of each pruned snapshot, written before it goes
 
 
 def plan_retention(output_dir: Path, cache_dir: Path, keep: int, *, grace_seconds: float) -> RetentionPlan:
@@ -61,7 +62,18 @@ def plan_retention(output_dir: Path, cache_dir: Path, keep: int, *, grace_second
             doomed.append(record_file)
     doomed += [path for path, (_, digest) in sorted(mappings.items()) if digest in doomed_blobs]
     existing = [p for p in doomed if p.exists()]
-    return RetentionPlan(tuple(kept), tuple(pruned), tuple(existing), sum(p.stat().st_size for p in existing))
+    markers = tuple(pruned_path(output_dir, r.container_id, r.stamp) for r in pruned)
+    return RetentionPlan(tuple(kept), tuple(pruned), tuple(existing), _sizes(existing), markers)
+
+
+def _sizes(paths: list[Path]) -> int:
+    total = 0
+    for path in paths:
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:  # removed by an overlapping run since it was listed
+            continue
+    return total
 
 
 def _read_mappings(cache_dir: Path) -> dict[Path, tuple[str, str]]:
@@ -77,6 +89,9 @@ def _read_mappings(cache_dir: Path) -> dict[Path, tuple[str, str]]:
 
 
 def apply_retention(plan: RetentionPlan) -> None:
+    for marker in plan.markers:
+        make_dirs(marker.parent)
+        marker.touch()
     for path in plan.paths:
         path.unlink(missing_ok=True)
     log.info(

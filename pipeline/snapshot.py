@@ -7,9 +7,10 @@ from datetime import datetime
 from pathlib import Path
 
 from pipeline.catalog import SnapshotRecord, previous_record
+from pipeline.commit import ContainerState
 from pipeline.container import Container, Storage
 from pipeline.imageconfig import digest_of
-from pipeline.layer import LayerRecord, scan_layer
+from pipeline.layer import LayerRecord
 from pipeline.process import is_alive
 from pipeline.reference import build_reference_from_name
 
@@ -47,12 +48,18 @@ def snapshot_archive(output_dir: Path, container: Container, stamp: str, fmt: st
     return output_dir / "snapshots" / f"{name}-{container.short_id}" / (stamp if fmt == "oci-dir" else f"{stamp}.tar")
 
 
-def find_unchanged(output_dir: Path, container: Container, stamp: str) -> SnapshotRecord | None:
-    """The previous snapshot if the container's layer has not changed since it was taken (a metadata walk)."""
+def find_unchanged(output_dir: Path, container: Container, stamp: str, state: ContainerState) -> SnapshotRecord | None:
+    """The previous snapshot if the container has not changed since it was taken: the same upper-dir
+    fingerprint as when it was packed, and the same image layers and metadata."""
     previous = previous_record(output_dir, container.container_id, stamp)
-    if previous is None or not previous.fingerprint:
+    if previous is None or not previous.fingerprint or previous.source != source_digest(state):
         return None
-    return previous if scan_layer(container.layer.layer_dir).fingerprint == previous.fingerprint else None
+    return previous if state.upper.key.endswith(f":{previous.fingerprint}") else None
+
+
+def source_digest(state: ContainerState) -> str:
+    """What a snapshot was made of besides its upper dir: the image layers' keys and the metadata digest."""
+    return digest_of(json.dumps([[s.key for s in state.lower], state.metadata]).encode())
 
 
 @dataclass(frozen=True)
@@ -61,10 +68,13 @@ class CommitResult:
 
     archive: Path
     config: bytes
-    layers: list[LayerRecord]
+    layers: list[LayerRecord]  # the image's layers
+    fingerprint: str  # the container layer's, as it was packed
 
 
-def build_record(container: Container, stamp: str, result: CommitResult, duration: float) -> SnapshotRecord:
+def build_record(
+    container: Container, stamp: str, result: CommitResult, duration: float, state: ContainerState
+) -> SnapshotRecord:
     return SnapshotRecord(
         container_id=container.container_id,
         name=container.name.lstrip("/") or container.short_id,
@@ -75,9 +85,10 @@ def build_record(container: Container, stamp: str, result: CommitResult, duratio
         diff_ids=tuple(r.diff_id for r in result.layers),
         layer_sizes=tuple(r.size for r in result.layers),
         archive_size=output_size(result.archive),
-        fingerprint=result.layers[-1].fingerprint,
+        fingerprint=result.fingerprint,
         duration=round(duration, 3),
         status="new",
+        source=source_digest(state),
     )
 
 
@@ -104,7 +115,12 @@ def measure_run(records: list[SnapshotRecord], blob_dir: Path, run_started: floa
             continue
         archive = Path(record.archive)
         files = [p for p in archive.rglob("*") if p.is_file()] if archive.is_dir() else [archive]
-        archive_bytes += sum(st.st_size for st in (p.lstat() for p in files) if st.st_nlink == 1)
+        for path in files:
+            try:
+                st = path.lstat()
+            except FileNotFoundError:  # pruned by an overlapping run's retention
+                continue
+            archive_bytes += st.st_size if st.st_nlink == 1 else 0
         for diff_id, size in zip(record.diff_ids, record.layer_sizes, strict=True):
             try:
                 packed_now = (blob_dir / diff_id.removeprefix("sha256:")).stat().st_mtime >= run_started

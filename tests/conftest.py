@@ -33,3 +33,34 @@ def cgroup(request: pytest.FixtureRequest) -> Iterator["Cgroup"]:
         yield group
     finally:
         group.remove()
+
+
+# --- a private Docker Engine (tests/dockerd.py), one for the whole session ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Dockerd"]:
+    """A private offline dockerd, started once per session and always stopped at its end (even after failures)."""
+    from tests.dockerd import docker_missing_reason, start_dockerd
+
+    if (reason := docker_missing_reason()) is not None:
+        pytest.skip(reason)
+    daemon = start_dockerd(tmp_path_factory.mktemp("dockerd"))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def busybox_image(dockerd: "Dockerd") -> str:
+    """pipeline-test/busybox:latest imported into the session's dockerd (one layer, made offline)."""
+    from tests.dockerd import import_busybox
+
+    ref = "pipeline-test/busybox:latest"
+    import_busybox(dockerd, ref)
+    return ref
+
+
+if TYPE_CHECKING:
+    from tests.dockerd import Dockerd

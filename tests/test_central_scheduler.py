@@ -1,8 +1,11 @@
 """Snapshots scheduled through a real central scheduler (luigid): two SnapshotAll runs at once over twenty
-containers sharing one image, and the progress a layer task shows in luigid while it packs."""
+containers sharing one image, and the progress a layer task shows in luigid while it packs. And choosing the
+scheduler: the plain command needs no luigid (luigi.cfg's [core] local_scheduler = true), a host's config or
+pipeline-run's --scheduler-* flags pick luigid, and a luigid that cannot be reached is one error line at once."""
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import dataclasses
 import json
@@ -24,10 +27,17 @@ import pytest
 
 from pipeline.demo import build_sample_storage
 from tests.cli import REPO, tree_fingerprint
-from tests.conftest import TOOLS
+from tests.conftest import TOOLS, needs_root
 from tests.fleet import add_container, set_fixed_mtimes
 from tests.imagecheck import check_image_archive, compare_trees, unpack_layers_with_python
-from tests.luigid import Luigid, luigid_fixture, run_luigid, scrubbed_env  # noqa: F401 - the `luigid` fixture
+from tests.luigid import (  # noqa: F401 - the `luigid` fixture
+    HOST,
+    Luigid,
+    free_port,
+    luigid_fixture,
+    run_luigid,
+    scrubbed_env,
+)
 from tests.overlay_storage import (
     BASE_LAYER_ID,
     MID_LAYER_ID,
@@ -50,6 +60,10 @@ PACKED = "INFO pipeline.cache: packed "  # pipeline/cache.py logs this once per 
 PROGRESS = re.compile(r"(\d+) of about (\d+) bytes packed")  # the status message of tasks/image.py's _Progress
 LAYER_TASKS = ("PackImageLayer", "PackContainerLayer")
 STATUSES = ("PENDING", "RUNNING", "DONE", "FAILED", "DISABLED")
+PRODUCTION_CFG = REPO / "config" / "production.cfg"
+# luigi's default retries (3 attempts, 30 s apart) took a minute to report an unreachable luigid; anything near that
+# fails this bound, which is no benchmark (the runs take about 4 s with plain luigi, under 1 s with pipeline-run).
+UNREACHABLE_BOUND = 30.0
 
 
 @dataclass(frozen=True)
@@ -171,11 +185,15 @@ def test_a_packing_layer_shows_bytes_and_percentage_in_luigid(luigid: Luigid, tm
     for i in range(4):  # the first report comes after the first file (app/big-0.bin), a quarter of the layer
         (layer_dir / "app" / f"big-{i}.bin").write_bytes(os.urandom(8 << 20))
     args = ["CommitImage", "--id", container_id, "--output", str(tmp_path / "image.tar"), "--storage-root", str(root)]
-    args += ["--commit-cache-dir", str(tmp_path / "cache"), "--workers", "1", *luigid.flags()]
+    args += ["--commit-cache-dir", str(tmp_path / "cache"), "--workers", "1"]
     log = tmp_path / "commit.log"
+    # Plain luigi through a host's config (config/production.cfg) naming this luigid, as LUIGI_CONFIG_PATH does on a
+    # host: the --scheduler-* flags would not do, luigi.cfg's local_scheduler = true makes plain luigi ignore them.
+    env = {"LUIGI_CONFIG_PATH": str(_host_config(tmp_path / "host.cfg", luigid.port))}
     # One worker runs tasks in its own process, so this stops the whole run after the second layer is written and
     # before it is renamed into the cache: that layer task is RUNNING in luigid, the first one DONE.
-    with _running([_start_luigi(args, log, {"PIPELINE_FAILPOINTS": "pack:before-rename@2:stop"})]) as (process,):
+    env["PIPELINE_FAILPOINTS"] = "pack:before-rename@2:stop"
+    with _running([_start_luigi(args, log, env)]) as (process,):
         _wait_until_stopped(process, log)
         while_stopped = _layer_tasks(luigid)
         process.send_signal(signal.SIGCONT)
@@ -195,7 +213,107 @@ def test_a_packing_layer_shows_bytes_and_percentage_in_luigid(luigid: Luigid, tm
     }
 
 
+@needs_root
+def test_the_plain_command_commits_without_any_luigid(tmp_path: Path) -> None:
+    """`luigi --module pipeline CommitImage --id X` exactly as users type it: no --local-scheduler, no luigid."""
+    root = tmp_path / "storage"
+    container_id = build_sample_storage(root)
+    output = tmp_path / "image.tar"
+    args = ["CommitImage", "--id", container_id, "--output", str(output), "--storage-root", str(root)]
+    done, _ = _run(args + ["--commit-cache-dir", str(tmp_path / "cache")])
+    assert done.returncode == 0, done.stderr
+    assert output.is_file() and tarfile.is_tarfile(output)
+
+
+@pytest.mark.parametrize("how", ["luigi-host-config", "pipeline-run-flags", "pipeline-run-host-config"])
+def test_an_unreachable_luigid_is_one_error_line_at_once(how: str, tmp_path: Path) -> None:
+    """A configured luigid that nothing listens for: one ERROR line naming it, no traceback, a non-zero exit, and
+    no minute of retries; plain luigi with a host's config (production.cfg's retry settings) and pipeline-run."""
+    root = tmp_path / "storage"
+    container_id = build_sample_storage(root)
+    output = tmp_path / "image.tar"
+    args = ["CommitImage", "--id", container_id, "--output", str(output), "--storage-root", str(root)]
+    args += ["--commit-cache-dir", str(tmp_path / "cache")]
+    port = free_port()
+    env: dict[str, str] = {}
+    if how.endswith("host-config"):
+        env["LUIGI_CONFIG_PATH"] = str(_host_config(tmp_path / "host.cfg", port))
+    else:
+        args += ["--scheduler-host", HOST, "--scheduler-port", str(port)]
+
+    done, seconds = _run(args, env, runner="luigi" if how.startswith("luigi") else "pipeline-run")
+
+    assert done.returncode != 0, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1, done.stderr
+    assert f"{HOST}:{port}" in errors[0] and "--local-scheduler" in errors[0], errors[0]
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    assert seconds < UNREACHABLE_BOUND, f"{seconds:.1f} s:\n{done.stderr}"
+    assert not output.exists()
+
+
+@needs_root
+def test_plain_luigi_ignores_scheduler_flags_while_the_config_says_local(luigid: Luigid, tmp_path: Path) -> None:
+    """What the README warns of: luigi.cfg's local_scheduler = true beats plain luigi's --scheduler-* flags (its
+    --local-scheduler can only switch it on), so that run never reaches luigid; pipeline-run's does."""
+    root = tmp_path / "storage"
+    container_id = build_sample_storage(root)
+    args = ["CommitImage", "--id", container_id, "--output", str(tmp_path / "image.tar"), "--storage-root", str(root)]
+    args += ["--commit-cache-dir", str(tmp_path / "cache"), *luigid.flags()]
+    plain, _ = _run(args)
+    assert plain.returncode == 0, plain.stderr
+    assert _all_tasks(luigid) == {}, "plain luigi reached luigid"
+    through, _ = _run(args, runner="pipeline-run")
+    assert through.returncode == 0, through.stderr
+    assert "CommitImage" in [task["name"] for task in _all_tasks(luigid).values()], luigid.log()
+
+
+def test_pipeline_run_refuses_local_scheduler_with_scheduler_flags() -> None:
+    done, _ = _run(["CommitImage", "--id", "x", "--local-scheduler", "--scheduler-port", "1"], runner="pipeline-run")
+    assert done.returncode == 2
+    assert [line for line in done.stderr.splitlines() if line.startswith("ERROR:")] == [done.stderr.strip()]
+
+
 # --- helpers -------------------------------------------------------------------------------------------------------
+
+
+def _host_config(path: Path, port: int) -> Path:
+    """config/production.cfg as a host installs it, naming the luigid at 127.0.0.1:port, with this checkout's
+    logging config (the host's /etc/pipeline/logging.conf is a copy of it)."""
+    config = configparser.ConfigParser(interpolation=None)
+    config.optionxform = str  # type: ignore[method-assign,assignment]
+    config.read(PRODUCTION_CFG)
+    assert config.getboolean("core", "local_scheduler") is False
+    config["core"].update(
+        scheduler_host=HOST, scheduler_port=str(port), logging_conf_file=str(REPO / "config" / "logging.conf")
+    )
+    with open(path, "w") as out:
+        config.write(out)
+    return path
+
+
+def _run(
+    args: list[str], env: dict[str, str] | None = None, *, runner: str = "luigi"
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """`luigi --module pipeline ARGS` (or `python -m pipeline run ARGS`) as a user types it, from the repository
+    root; what it printed and how long it took."""
+    command = [sys.executable, *_prefix(runner), *args]
+    started = time.monotonic()
+    done = subprocess.run(
+        command, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
+    )
+    return done, time.monotonic() - started
+
+
+def _prefix(runner: str) -> list[str]:
+    return ["-m", "luigi", "--module", "pipeline"] if runner == "luigi" else ["-m", "pipeline", "run"]
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without proxies and without what would change a run (a host config, a fixed epoch, armed
+    failpoints), plus extra."""
+    unset = ("SOURCE_DATE_EPOCH", "PIPELINE_FAILPOINTS", "LUIGI_CONFIG_PATH")
+    return {k: v for k, v in scrubbed_env().items() if k not in unset} | (extra or {})
 
 
 def _entry(layer_dir: Path, rel: str) -> dict[bytes, Any]:
@@ -227,11 +345,9 @@ def _start_luigi(
 ) -> subprocess.Popen[bytes]:
     """`luigi --module pipeline ARGS` (or `python -m pipeline run ARGS`) from the repository root, its output into
     `log` (a pipe could fill up)."""
-    base = {k: v for k, v in scrubbed_env().items() if k not in ("SOURCE_DATE_EPOCH", "PIPELINE_FAILPOINTS")}
-    prefix = ["-m", "luigi", "--module", "pipeline"] if runner == "luigi" else ["-m", "pipeline", "run"]
-    command = [sys.executable, *prefix, *args]
+    command = [sys.executable, *_prefix(runner), *args]
     with open(log, "wb") as out:
-        return subprocess.Popen(command, cwd=REPO, env=base | (env or {}), stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=REPO, env=_env(env), stdout=out, stderr=subprocess.STDOUT)
 
 
 @contextlib.contextmanager
@@ -272,6 +388,11 @@ def _process_state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
     except FileNotFoundError:
         return ""
+
+
+def _all_tasks(server: Luigid) -> dict[str, dict[str, Any]]:
+    """Every task luigid knows, whatever its status, by task id."""
+    return {k: t for status in STATUSES for k, t in server.call("task_list", status=status, limit=False).items()}
 
 
 def _layer_tasks(server: Luigid) -> dict[str, dict[str, Any]]:

@@ -17,6 +17,7 @@ from pipeline.container import (
     check_id_text,
     checked_layer_dir,
     list_container_dirs,
+    pick_docker_config,
     pick_image_config,
 )
 from pipeline.errors import ContainerNotFound, StorageError
@@ -72,6 +73,9 @@ class DockerStorage:
             lower_layers=tuple(self._read_image_layers(container_id)),
             layer=self._read_container_layer(container_id),
             config=image_config,
+            # config.v2.json's Config is the container's whole Config with the image's defaults merged in at
+            # create time (daemon/create.go), which docker commit writes as the image's config.
+            full_config=pick_docker_config(config, path),
         )
 
     def read_base_config(self, container: Container) -> dict[str, Any] | None:
@@ -118,9 +122,12 @@ class DockerStorage:
             cache_id = _read_id(layer_meta / "cache-id", _CACHE_ID, required=True)
             layer_dir = checked_layer_dir(self._layers_root, cache_id, container_id, listed_in=layer_meta)
             # layer/filestore.go: the tar the layer was applied from survives as tar-split.json.gz, with "diff".
+            # "diff" is the layer's diff_id, which also keys the layer in the cache.
             tar_split = layer_meta / "tar-split.json.gz"
-            diff = _read_id(layer_meta / "diff", _DIGEST, required=False) if tar_split.is_file() else ""
-            layers.append(Layer(cache_id, layer_dir, tar_split=tar_split if diff else None, diff_id=diff))
+            diff = _read_id(layer_meta / "diff", _DIGEST, required=False)
+            layers.append(
+                Layer(cache_id, layer_dir, tar_split=tar_split if tar_split.is_file() else None, diff_id=diff)
+            )
             chain_id = _read_id(layer_meta / "parent", _DIGEST, required=False)
         layers.reverse()
         return layers

@@ -162,12 +162,13 @@ class PodmanStorage:
         # layers.go stores the tar a layer was applied from as <id>.tar-split.gz, next to its diff-digest.
         tar_split = layers_dir / f"{layer_id}.tar-split.gz"
         digest = record.get("diff-digest")
-        has_original = tar_split.is_file() and isinstance(digest, str) and _DIGEST.fullmatch(digest) is not None
+        # The diff digest also keys the layer in the cache, with or without tar-split records.
+        recorded = isinstance(digest, str) and _DIGEST.fullmatch(digest) is not None
         return Layer(
             layer_id,
             checked_layer_dir(self._layers_root, layer_id, container_id),
-            tar_split=tar_split if has_original else None,
-            diff_id=str(digest) if has_original else "",
+            tar_split=tar_split if tar_split.is_file() and recorded else None,
+            diff_id=str(digest) if recorded else "",
         )
 
     def _config_key(self, image_id: str) -> str:

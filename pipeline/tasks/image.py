@@ -6,6 +6,7 @@ Graph for one commit (every output written atomically):
 """
 
 import hashlib
+import logging
 import os
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -16,23 +17,32 @@ import luigi
 
 from pipeline import commit as commits
 from pipeline import failpoint, squash
+from pipeline.archive import read_member
 from pipeline.atomic import write_bytes_atomic
 from pipeline.cache import LayerCache
 from pipeline.compression import ALGORITHMS, CompressedBlob
 from pipeline.container import Layer
 from pipeline.engines import open_storage
+from pipeline.errors import LayerError, OutputError
 from pipeline.imageconfig import CommitOptions, digest_of
 from pipeline.layer import LayerRecord, encode_record, read_record
 from pipeline.reference import parse_reference
 from pipeline.tasks.settings import DurableTarget, HostTask, RepeatableParameter, StorageTask, commit, storage
 
+log = logging.getLogger(__name__)
+
 
 class _LayerTask(HostTask):
-    """Packs one layer_dir into the cache; its target is the layer's record (diff_id, size)."""
+    """Packs one layer_dir into the cache; its target is the layer's record (diff_id, size), named by the
+    layer's source key (commit.LayerSource), so a record is only ever found for the content it was made from."""
 
     layer_dir: str = luigi.Parameter()
+    source_key: str = luigi.Parameter()
     cache_dir: str = luigi.Parameter()
     clamp_mtime: int | None = luigi.OptionalIntParameter(default=None)
+
+    def output(self) -> DurableTarget:
+        return DurableTarget(os.path.join(self.cache_dir, "layers", f"{_key(self.source_key, self.clamp_mtime)}.json"))
 
     def run(self) -> None:
         cache = LayerCache(Path(self.cache_dir))
@@ -51,9 +61,7 @@ class _LayerTask(HostTask):
         return nullcontext()
 
     def pack(self, cache: LayerCache) -> LayerRecord:
-        return commits.pack_scanned_layer(
-            cache, Path(self.layer_dir), clamp_mtime=self.clamp_mtime, report=_Progress(self)
-        )
+        raise NotImplementedError
 
     def complete(self) -> bool:
         # The record alone is not enough: a blob deleted, truncated or altered since must be packed again.
@@ -81,15 +89,41 @@ class PackImageLayer(_LayerTask):
         )
         return commits.pack_image_layer(cache, layer, clamp_mtime=self.clamp_mtime, report=_Progress(self))
 
-    def output(self) -> DurableTarget:
-        key = _key(os.path.realpath(self.layer_dir), self.clamp_mtime)
-        return DurableTarget(os.path.join(self.cache_dir, "layers", f"{key}.json"))
+
+class PackContainerLayer(_LayerTask, StorageTask):
+    """The container's own writable layer in one state (its source key holds the upper dir's fingerprint), paused
+    while packed if it is running."""
+
+    container_id: str = luigi.Parameter()
+
+    def pausing(self) -> AbstractContextManager[object]:
+        container = self.open_storage().read_container(self.container_id)
+        return commits.pause_while_packing(container, Path(self.cache_dir) / "freezer", enabled=self.pause)
+
+    def pack(self, cache: LayerCache) -> LayerRecord:
+        return commits.pack_container_layer(
+            cache, Path(self.layer_dir), clamp_mtime=self.clamp_mtime, report=_Progress(self)
+        )
+
+
+class PackSquashedLayer(PackContainerLayer):
+    """--squash: every layer of the container merged into one (by the kernel); its source key is made of every
+    layer's."""
+
+    layer_dirs: tuple[str, ...] = luigi.ListParameter()
+
+    def pack(self, cache: LayerCache) -> LayerRecord:
+        return squash.pack_squashed([Path(d) for d in self.layer_dirs], cache.root, clamp_mtime=self.clamp_mtime)
 
 
 class _CommitTask(StorageTask):
-    """Parameters shared by every task of one commit."""
+    """Parameters shared by every task of one commit: the container's state as this run took it (the layers'
+    source keys and its metadata digest) and the options, so every target below is named by what it is made of."""
 
     container_id: str = luigi.Parameter()
+    lower: tuple[tuple[str, str, str, str], ...] = luigi.ListParameter(default=())
+    upper: tuple[str, str, str, str] = luigi.ListParameter()
+    metadata: str = luigi.Parameter()
     image: str = luigi.Parameter()
     output_path: str = luigi.Parameter()
     author: str = luigi.Parameter(default="")
@@ -101,9 +135,10 @@ class _CommitTask(StorageTask):
     compression_level: int | None = luigi.OptionalIntParameter(default=None)
 
     def commit_dir(self) -> str:
-        # Every significant parameter but the host names the commit, so options never share its files.
-        params = sorted(self.to_str_params(only_significant=True).items())
-        return os.path.join(self.cache_dir, "commits", _key(*(p for p in params if p[0] != "host")))
+        # Everything the config, manifest and repositories are made from names their directory: the state, the
+        # options, the reference. Not the host (one cache may serve several) and not the archive's path.
+        params = sorted((k, v) for k, v in self.common().items() if k not in ("host", "output_path", "pause"))
+        return os.path.join(self.cache_dir, "commits", _key(*params))
 
     def options(self) -> CommitOptions:
         return CommitOptions(
@@ -115,101 +150,150 @@ class _CommitTask(StorageTask):
         )
 
     def layer_tasks(self) -> list[_LayerTask]:
-        container = self.open_storage().read_container(self.container_id)
+        shared: dict[str, Any] = {"host": self.host, "cache_dir": self.cache_dir, "clamp_mtime": self.clamp_mtime}
+        lower = [commits.LayerSource.from_param(p) for p in self.lower]
+        upper = commits.LayerSource.from_param(self.upper)
+        container: dict[str, Any] = {
+            "container_id": self.container_id,
+            "engine": self.engine,
+            "storage_root": self.storage_root,
+            "pause": self.pause,
+        }
+        if self.squash:
+            key = _key(*(s.key for s in (*lower, upper)))
+            dirs = tuple(s.layer_dir for s in (*lower, upper))
+            squashed = PackSquashedLayer(
+                layer_dir=upper.layer_dir, source_key=f"squash:{key}", layer_dirs=dirs, **container, **shared
+            )
+            return [squashed]
         tasks: list[_LayerTask] = [
             PackImageLayer(
-                layer_dir=str(layer.layer_dir),
-                cache_dir=self.cache_dir,
-                clamp_mtime=self.clamp_mtime,
-                host=self.host,
-                tar_split=str(layer.tar_split or ""),
-                original_diff_id=layer.diff_id,
+                layer_dir=s.layer_dir, source_key=s.key, tar_split=s.tar_split, original_diff_id=s.diff_id, **shared
             )
-            for layer in container.lower_layers
+            for s in lower
         ]
-        if self.squash:
-            return [self.clone(PackSquashedLayer, layer_dir=str(container.layer.layer_dir))]
-        tasks.append(self.clone(PackContainerLayer, layer_dir=str(container.layer.layer_dir)))
+        tasks.append(PackContainerLayer(layer_dir=upper.layer_dir, source_key=upper.key, **container, **shared))
         return tasks
 
     def layer_records(self) -> list[LayerRecord]:
+        """Every layer task's record, the container's own last (even when it is empty)."""
         return [read_record(Path(t.output().path)) for t in self.layer_tasks()]
+
+    def image_records(self) -> list[LayerRecord]:
+        """The layers the image holds: docker commit adds none for a container that changed nothing."""
+        return commits.image_layers(self.layer_records(), squash=self.squash)
+
+    def found_layer_records(self) -> list[LayerRecord] | None:
+        """The image's layer records if every layer task has written its own, else None."""
+        try:
+            return self.image_records()
+        except LayerError:  # missing or damaged: the layer task packs it (again)
+            return None
 
     def layer_blobs(self) -> list[CompressedBlob]:
         """The layers as stored in the image: compressed (once per cache) when --compression asks for it."""
         cache = LayerCache(Path(self.cache_dir))
-        return commits.layer_blobs(cache, self.layer_records(), self.compression, self.compression_level)
+        return commits.layer_blobs(cache, self.image_records(), self.compression, self.compression_level)
+
+    def found_layer_blobs(self) -> list[CompressedBlob] | None:
+        """The stored layer blobs if every one is already in the cache (nothing is packed or compressed)."""
+        records = self.found_layer_records()
+        if records is None:
+            return None
+        cache = LayerCache(Path(self.cache_dir))
+        return commits.find_layer_blobs(cache, records, self.compression, self.compression_level)
 
     def common(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name, _ in _CommitTask.get_params()}
 
 
-class PackContainerLayer(_LayerTask, _CommitTask):
-    """The container's own writable layer, packed once per commit (paused while packed if it is running)."""
+class _DerivedFile(_CommitTask):
+    """A target computed from other targets' bytes: complete exactly when it holds what build() gives now, so a
+    changed input (a layer packed again to another diff_id, a new config) makes it be written again."""
 
-    def pausing(self) -> AbstractContextManager[object]:
-        container = self.open_storage().read_container(self.container_id)
-        return commits.pause_while_packing(container, Path(self.cache_dir) / "freezer", enabled=self.pause)
+    def build(self, *, final: bool) -> bytes | None:
+        """The bytes this target must hold, or None while an input is missing; final=False must stay cheap."""
+        raise NotImplementedError
 
-    def output(self) -> DurableTarget:
-        return DurableTarget(os.path.join(self.commit_dir(), "layer.json"))
+    def complete(self) -> bool:
+        expected = self.build(final=False)
+        if expected is None:
+            return False
+        try:
+            return Path(self.output().path).read_bytes() == expected
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return False
 
+    def run(self) -> None:
+        data = self.build(final=True)
+        if data is None:
+            raise OutputError(f"{self.output().path}: an input of this commit vanished while it ran; re-run")
+        write_bytes_atomic(Path(self.output().path), data)
 
-class PackSquashedLayer(PackContainerLayer):
-    """--squash: every layer of the container merged into one (by the kernel), packed once per commit."""
-
-    def output(self) -> DurableTarget:
-        return DurableTarget(os.path.join(self.commit_dir(), "squashed.json"))
-
-    def pack(self, cache: LayerCache) -> LayerRecord:
-        container = self.open_storage().read_container(self.container_id)
-        layer_dirs = [layer.layer_dir for layer in (*container.lower_layers, container.layer)]
-        return squash.pack_squashed(layer_dirs, Path(self.cache_dir), clamp_mtime=self.clamp_mtime)
+    def config_bytes(self) -> bytes | None:
+        try:
+            return Path(WriteImageConfig(**self.common()).output().path).read_bytes()
+        except FileNotFoundError:
+            return None
 
 
 class WriteImageConfig(_CommitTask):
+    """The image config; complete while its diff_ids are those of the current layer records."""
+
     def requires(self) -> list[_LayerTask]:
         return self.layer_tasks()
 
     def output(self) -> DurableTarget:
         return DurableTarget(os.path.join(self.commit_dir(), "config.json"))
 
+    def complete(self) -> bool:
+        records = self.found_layer_records()
+        if records is None:
+            return False
+        return commits.read_diff_ids(Path(self.output().path)) == [r.diff_id for r in records]
+
     def run(self) -> None:
-        records = self.layer_records()
+        records = self.image_records()
         data = commits.build_config_bytes(
             self.open_storage(), self.container_id, records, self.clamp_mtime, self.options()
         )
         write_bytes_atomic(Path(self.output().path), data)
 
 
-class WriteManifest(_CommitTask):
+class WriteManifest(_DerivedFile):
+    """docker-archive's manifest.json."""
+
     def requires(self) -> WriteImageConfig:
         return WriteImageConfig(**self.common())
 
     def output(self) -> DurableTarget:
         return DurableTarget(os.path.join(self.commit_dir(), "manifest.json"))
 
-    def run(self) -> None:
-        config = Path(self.input().path).read_bytes()
-        data = commits.build_manifest_bytes(config, self.layer_blobs(), parse_reference(self.image))
-        write_bytes_atomic(Path(self.output().path), data)
+    def build(self, *, final: bool) -> bytes | None:
+        config = self.config_bytes()
+        blobs = self.layer_blobs() if final else self.found_layer_blobs()
+        if config is None or blobs is None:
+            return None
+        return commits.build_manifest_bytes(config, blobs, parse_reference(self.image))
 
 
-class WriteRepositories(_CommitTask):
+class WriteRepositories(_DerivedFile):
+    """docker-archive's legacy repositories file."""
+
     def requires(self) -> WriteImageConfig:
         return WriteImageConfig(**self.common())
 
     def output(self) -> DurableTarget:
         return DurableTarget(os.path.join(self.commit_dir(), "repositories"))
 
-    def run(self) -> None:
-        config = Path(self.input().path).read_bytes()
-        data = commits.build_repositories_bytes(config, parse_reference(self.image))
-        write_bytes_atomic(Path(self.output().path), data)
+    def build(self, *, final: bool) -> bytes | None:
+        config = self.config_bytes()
+        return None if config is None else commits.build_repositories_bytes(config, parse_reference(self.image))
 
 
 class WriteImageArchive(_CommitTask):
-    """The image at output_path, in one of commit.FORMATS."""
+    """The image at output_path, in one of commit.FORMATS; complete only while the archive there holds this
+    commit's image (its index.json, or manifest.json for --format docker, is what this run would write)."""
 
     format: str = luigi.ChoiceParameter(choices=commits.FORMATS, default="both")
 
@@ -226,8 +310,26 @@ class WriteImageArchive(_CommitTask):
     def output(self) -> DurableTarget:
         return DurableTarget(self.output_path)
 
+    def identity(self, *, final: bool) -> tuple[str, bytes] | None:
+        """(member name, bytes) that identify this commit's archive, or None while an input is missing."""
+        tasks = self.requires()
+        try:
+            config = Path(tasks["config"].output().path).read_bytes()
+            manifest = Path(tasks["manifest"].output().path).read_bytes()
+        except FileNotFoundError:
+            return None
+        blobs = self.layer_blobs() if final else self.found_layer_blobs()
+        if blobs is None:
+            return None
+        return commits.build_archive_identity(self.format, config, blobs, parse_reference(self.image), manifest)
+
+    def complete(self) -> bool:
+        identity = self.identity(final=False)
+        return identity is not None and read_member(Path(self.output_path), identity[0]) == identity[1]
+
     def run(self) -> None:
         inputs = {name: Path(self.input()[name].path).read_bytes() for name in ("config", "manifest", "repositories")}
+        replaced = commits.read_image_id(Path(self.output_path))
         commits.write_commit_output(
             Path(self.output_path),
             self.format,
@@ -238,9 +340,11 @@ class WriteImageArchive(_CommitTask):
             parse_reference(self.image),
             mtime=commits.archive_mtime(inputs["config"]),
         )
+        if replaced is not None:
+            log.info("%s: replaced image %s with %s", self.output_path, replaced, digest_of(inputs["config"]))
 
 
-class WriteIidFile(_CommitTask):
+class WriteIidFile(_DerivedFile):
     """--iidfile: the image id (sha256 of the config), as docker commit --iidfile writes it."""
 
     iidfile: str = luigi.Parameter()
@@ -251,8 +355,9 @@ class WriteIidFile(_CommitTask):
     def output(self) -> DurableTarget:
         return DurableTarget(self.iidfile)
 
-    def run(self) -> None:
-        write_bytes_atomic(Path(self.iidfile), digest_of(Path(self.input().path).read_bytes()).encode())
+    def build(self, *, final: bool) -> bytes | None:
+        config = self.config_bytes()
+        return None if config is None else digest_of(config).encode()
 
 
 class CommitImage(HostTask, luigi.WrapperTask):
@@ -289,36 +394,62 @@ class CommitImage(HostTask, luigi.WrapperTask):
     compression_level: int | None = luigi.OptionalIntParameter(default=None, description="default: gzip 1, zstd 3")
 
     def requires(self) -> list[luigi.Task]:
+        # luigi calls requires() more than once; the container's state is taken once, at the first call, so
+        # every task of this run is of one state.
+        if self._planned is None:
+            self._planned = self._plan()
+        return self._planned
+
+    _planned: list[luigi.Task] | None = None
+
+    def _plan(self) -> list[luigi.Task]:
         settings = commit()
         engine, root = storage().engine, storage().storage_root()
         commits.check_options(self.change, self.config)  # refuse bad options before any layer is packed
         fmt = self.format or settings.format
         commits.check_compression(self.compression, self.compression_level, fmt)
+        config_file = os.path.abspath(self.config) if self.config else ""
         plan = commits.plan_commit(
-            open_storage(engine, Path(root)), self.id, self.image, self.output, Path(settings.output_dir), fmt
+            open_storage(engine, Path(root)),
+            self.id,
+            self.image,
+            self.output,
+            Path(settings.output_dir),
+            fmt,
+            config_file,
         )
         archive = WriteImageArchive(
             host=self.host,
-            container_id=plan.container_id,
-            image=str(plan.reference),
-            output_path=str(plan.output),
-            engine=engine,
-            storage_root=root,
-            cache_dir=os.path.abspath(settings.cache_dir),
-            clamp_mtime=commits.source_date_epoch(),
-            pause=self.pause,
             format=fmt,
             author=self.author,
             message=self.message,
             changes=self.change,
-            config_file=os.path.abspath(self.config) if self.config else "",
+            config_file=config_file,
             squash=self.squash,
             compression=self.compression,
             compression_level=self.compression_level,
+            **commit_params(plan, engine, root, self.pause),
         )
         if self.iidfile:
             return [archive, WriteIidFile(iidfile=os.path.abspath(self.iidfile), **archive.common())]
         return [archive]
+
+
+def commit_params(plan: commits.CommitPlan, engine: str, root: str, pause: bool) -> dict[str, Any]:
+    """The parameters every task of a commit of plan shares (with the settings of this run)."""
+    return {
+        "container_id": plan.container_id,
+        "lower": tuple(s.as_param() for s in plan.state.lower),
+        "upper": plan.state.upper.as_param(),
+        "metadata": plan.state.metadata,
+        "image": str(plan.reference),
+        "output_path": str(plan.output),
+        "engine": engine,
+        "storage_root": root,
+        "cache_dir": os.path.abspath(commit().cache_dir),
+        "clamp_mtime": commits.source_date_epoch(),
+        "pause": pause,
+    }
 
 
 class _Progress:

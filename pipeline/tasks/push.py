@@ -15,12 +15,11 @@ import luigi
 from pipeline import commit as commits
 from pipeline.cache import LayerCache
 from pipeline.compression import ALGORITHMS
-from pipeline.container import resolve_container
 from pipeline.engines import open_storage
 from pipeline.push import Image, PushedBlobs, build_image, parse_push_reference, push_image
 from pipeline.reference import Reference
 from pipeline.registry import Options, open_registry
-from pipeline.tasks.image import WriteImageConfig
+from pipeline.tasks.image import WriteImageConfig, commit_params
 from pipeline.tasks.settings import HostTask, commit, storage
 
 log = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ class PushImage(HostTask):
         return {"config": config, "layers": config.layer_tasks()}
 
     def output(self) -> RegistryTag:
-        return RegistryTag(parse_push_reference(self.image), self.built_image)
+        return RegistryTag(parse_push_reference(self.image), lambda: self.built_image(final=False))
 
     def run(self) -> None:
         reference = parse_push_reference(self.image)
@@ -92,28 +91,31 @@ class PushImage(HostTask):
         pushed = PushedBlobs.in_cache(Path(os.path.abspath(commit().cache_dir)), reference.domain)
         push_image(open_registry(reference.domain, registry().options()), reference, image, pushed)
 
-    def built_image(self) -> Image | None:
-        """The image this push sends, or None before its config is written."""
+    def built_image(self, *, final: bool = True) -> Image | None:
+        """The image this push sends, or None before its config is written (or, unless final, before every
+        compressed blob is in the cache: RegistryTag.exists never compresses)."""
         task = self._config_task()
         try:
             config = Path(task.output().path).read_bytes()
-            records = task.layer_records()
         except FileNotFoundError:
+            return None
+        records = task.found_layer_records()
+        if records is None or (not final and task.found_layer_blobs() is None):
             return None
         cache = LayerCache(Path(task.cache_dir))
         return build_image(config, records, cache, compression=self.compression, level=self.compression_level)
 
+    _config: WriteImageConfig | None = None
+
     def _config_task(self) -> WriteImageConfig:
-        reference = parse_push_reference(self.image)
-        engine, root = storage().engine, storage().storage_root()
-        return WriteImageConfig(
-            host=self.host,
-            container_id=resolve_container(open_storage(engine, Path(root)), self.id),
-            image=str(reference),
-            output_path="",  # no archive: the commit's files are keyed by the reference alone
-            engine=engine,
-            storage_root=root,
-            cache_dir=os.path.abspath(commit().cache_dir),
-            clamp_mtime=commits.source_date_epoch(),
-            pause=self.pause,
-        )
+        # The container's state is taken once per run (luigi calls requires() and output() more than once).
+        if self._config is None:
+            reference = parse_push_reference(self.image)
+            engine, root = storage().engine, storage().storage_root()
+            plan = commits.plan_commit(open_storage(engine, Path(root)), self.id, str(reference), "", Path(), fmt=None)
+            # No archive: output_path stays out of the commit's identity.
+            params = commit_params(plan, engine, root, self.pause) | {"output_path": ""}
+            self._config = WriteImageConfig(
+                host=self.host, compression=self.compression, compression_level=self.compression_level, **params
+            )
+        return self._config

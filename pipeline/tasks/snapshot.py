@@ -6,18 +6,16 @@ SnapshotAll ─> SnapshotContainer* ─(only if the container changed)─> Write
 import hashlib
 import os
 import time
-from collections.abc import Generator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import luigi
 
-from pipeline import catalog, retention
+from pipeline import catalog, failpoint, retention
 from pipeline import commit as commits
 from pipeline import snapshot as snapshots
 from pipeline.atomic import write_bytes_atomic
-from pipeline.catalog import SnapshotRecord
 from pipeline.engines import open_storage
 from pipeline.tasks.image import WriteImageArchive
 from pipeline.tasks.settings import DurableTarget, HostTask, StorageTask, batch, commit, storage
@@ -49,35 +47,59 @@ def _settings() -> dict[str, Any]:
 
 
 class SnapshotContainer(StorageTask):
-    """One container's snapshot; its target is the catalog record. Unchanged containers reuse the last archive."""
+    """One container's snapshot; its target is the catalog record. Planned by SnapshotAll with the container's
+    state at planning time: either a commit of that state, or (reuse_from) the earlier snapshot it equals."""
 
     container_id: str = luigi.Parameter()
     stamp: str = luigi.Parameter()
     output_dir: str = luigi.Parameter()
     format: str = luigi.ChoiceParameter(choices=commits.FORMATS, default="both")
+    lower: tuple[tuple[str, str, str, str], ...] = luigi.ListParameter(default=())
+    upper: tuple[str, str, str, str] = luigi.ListParameter()
+    metadata: str = luigi.Parameter()
+    reuse_from: str = luigi.Parameter(default="", description="stamp of the unchanged snapshot this one reuses")
+    # When the plan was made: the record's duration runs from there (not part of what the snapshot is).
+    planned_at: float = luigi.FloatParameter(default=0.0, significant=False)
+
+    def requires(self) -> list[WriteImageArchive]:
+        return [] if self.reuse_from else [self._archive_task()]
 
     def output(self) -> DurableTarget:
         return DurableTarget(str(catalog.record_path(Path(self.output_dir), self.container_id, self.stamp)))
 
-    def run(self) -> Generator[luigi.Task, None, None]:
-        started = self._started()
-        container = self.open_storage().read_container(self.container_id)
-        unchanged = snapshots.find_unchanged(Path(self.output_dir), container, self.stamp)
-        if unchanged is not None:
-            record = catalog.reuse_record(unchanged, self.stamp, time.time() - started)
+    def complete(self) -> bool:
+        # A snapshot retention pruned (by an overlapping run's --keep) is done, not work left to do.
+        pruned = catalog.pruned_path(Path(self.output_dir), self.container_id, self.stamp)
+        return self.output().exists() or pruned.exists()
+
+    def run(self) -> None:
+        duration = time.time() - (self.planned_at or time.time())
+        if self.reuse_from:
+            previous = catalog.read_record(Path(self.output_dir), self.container_id, self.reuse_from)
+            record = catalog.reuse_record(previous, self.stamp, duration)
         else:
-            archive = self._archive_task(container)
-            yield archive  # luigi runs the commit, then calls run() again from the top
-            result = _read_commit(archive)
-            record = snapshots.build_record(container, self.stamp, result, time.time() - started)
+            failpoint.reached("snapshot:record")
+            container = self.open_storage().read_container(self.container_id)
+            state = commits.ContainerState(
+                tuple(commits.LayerSource.from_param(p) for p in self.lower),
+                commits.LayerSource.from_param(self.upper),
+                self.metadata,
+            )
+            result = _read_commit(self._archive_task())
+            record = snapshots.build_record(container, self.stamp, result, duration, state)
         write_bytes_atomic(Path(self.output().path), record.to_json())
 
-    def _archive_task(self, container: Any) -> WriteImageArchive:
+    def _archive_task(self) -> WriteImageArchive:
+        container = self.open_storage().read_container(self.container_id)
+        output = snapshots.snapshot_archive(Path(self.output_dir), container, self.stamp, self.format)
         return WriteImageArchive(
             host=self.host,
             container_id=self.container_id,
+            lower=self.lower,
+            upper=self.upper,
+            metadata=self.metadata,
             image=snapshots.snapshot_reference(container, self.stamp),
-            output_path=str(snapshots.snapshot_archive(Path(self.output_dir), container, self.stamp, self.format)),
+            output_path=str(output),
             engine=self.engine,
             storage_root=self.storage_root,
             cache_dir=self.cache_dir,
@@ -86,18 +108,23 @@ class SnapshotContainer(StorageTask):
             format=self.format,
         )
 
-    def _started(self) -> float:
-        # run() starts again after its commit completes (luigi's dynamic dependencies), possibly in another
-        # worker process, so the start time lives in a file rather than in this object.
-        path = Path(self.cache_dir) / "snapshots" / f"{_key(self.task_id)}.started"
-        if not path.exists():
-            write_bytes_atomic(path, repr(time.time()).encode())
-        return float(path.read_text())
-
 
 def _read_commit(archive: WriteImageArchive) -> snapshots.CommitResult:
     config = Path(archive.requires()["config"].output().path).read_bytes()
-    return snapshots.CommitResult(Path(archive.output_path), config, archive.layer_records())
+    fingerprint = archive.layer_records()[-1].fingerprint  # the container layer's, even when the image omits it
+    return snapshots.CommitResult(Path(archive.output_path), config, archive.image_records(), fingerprint)
+
+
+class ScopeParameter(luigi.Parameter):
+    """The settings a snapshot run reads (engine, storage root, output and cache dirs), filled in from the
+    configuration when not given: part of SnapshotAll's task id, so runs over two storages in one period are
+    two tasks to luigid and keep two run summaries."""
+
+    def normalize(self, x: Any) -> Any:
+        if x:
+            return x
+        settings = _settings()
+        return ";".join(f"{k}={settings[k]}" for k in ("engine", "storage_root", "output_dir", "cache_dir"))
 
 
 class SnapshotAll(HostTask):
@@ -119,26 +146,49 @@ class SnapshotAll(HostTask):
     def stamp(self) -> str:
         return snapshots.format_stamp(self.snapshot)
 
+    scope: str = ScopeParameter(
+        default="", description="filled in from [storage] and [commit]: the storage and dirs this run uses"
+    )
+
     def requires(self) -> list[SnapshotContainer]:
+        # Planned once per run: each container's state is taken here, and whether it changed since its previous
+        # snapshot is decided here, so a run resumed or overlapping with another never mixes two states.
+        if self._planned is None:
+            self._planned = self._plan()
+        return self._planned
+
+    _planned: list[SnapshotContainer] | None = None
+
+    def _plan(self) -> list[SnapshotContainer]:
         settings = _settings()
         globs = [g.strip() for g in self.containers.replace(" ", ",").split(",") if g.strip()]
-        selected = snapshots.select_containers(
-            open_storage(settings["engine"], Path(settings["storage_root"])), globs, self.state
-        )
-        return [
-            SnapshotContainer(
+        store = open_storage(settings["engine"], Path(settings["storage_root"]))
+        tasks = []
+        for container in snapshots.select_containers(store, globs, self.state):
+            state = commits.read_state(store, container)
+            task = SnapshotContainer(
                 host=self.host,
-                container_id=c.container_id,
+                container_id=container.container_id,
                 stamp=self.stamp(),
                 pause=self.pause,
                 format=self.format or commit().format,
+                lower=tuple(s.as_param() for s in state.lower),
+                upper=state.upper.as_param(),
+                metadata=state.metadata,
+                planned_at=time.time(),
                 **settings,
             )
-            for c in selected
-        ]
+            # An archive of this state written for this stamp by a run killed before its record is this
+            # snapshot; otherwise an unchanged container reuses its previous snapshot.
+            if not task.complete() and not task.requires()[0].complete():
+                previous = snapshots.find_unchanged(Path(settings["output_dir"]), container, self.stamp(), state)
+                if previous is not None:
+                    task = task.clone(reuse_from=previous.stamp)
+            tasks.append(task)
+        return tasks
 
     def output(self) -> DurableTarget:
-        selection = _key(self.containers, self.state)
+        selection = _key(self.containers, self.state, self.scope)
         return DurableTarget(
             os.path.join(_settings()["output_dir"], "catalog", "runs", f"{self.stamp()}-{selection}.json")
         )
@@ -146,16 +196,20 @@ class SnapshotAll(HostTask):
     def run(self) -> None:
         settings = _settings()
         output_dir, cache_dir = Path(settings["output_dir"]), Path(settings["cache_dir"])
-        records = [SnapshotRecord.from_json(Path(t.path).read_bytes(), Path(t.path)) for t in self.input()]
-        catalog.write_index(output_dir)
         keep = batch().keep if self.keep is None else self.keep
-        if keep > 0:
-            plan = retention.plan_retention(output_dir, cache_dir, keep, grace_seconds=batch().gc_grace_minutes * 60)
-            if self.prune_dry_run:
-                print(retention.describe(plan))
-            else:
-                retention.apply_retention(plan)
-                catalog.write_index(output_dir)
+        # Runs that overlap (two periods, two hosts) take turns here, so one's retention never deletes what the
+        # other is reading.
+        with catalog.locked(output_dir):
+            records = catalog.read_targets([Path(t.path) for t in self.input()])
+            catalog.write_index(output_dir)
+            if keep > 0:
+                grace = batch().gc_grace_minutes * 60
+                plan = retention.plan_retention(output_dir, cache_dir, keep, grace_seconds=grace)
+                if self.prune_dry_run:
+                    print(retention.describe(plan))
+                else:
+                    retention.apply_retention(plan)
+                    catalog.write_index(output_dir)
         seconds = time.time() - _PROCESS_STARTED
         totals = snapshots.measure_run(records, cache_dir / "blobs" / "sha256", _PROCESS_STARTED)
         log.info(snapshots.summarize(self.stamp(), records, seconds, totals))
