@@ -5,6 +5,8 @@ import fcntl
 import hashlib
 import logging
 import os
+import stat
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,13 +14,21 @@ from typing import BinaryIO
 
 from pipeline import failpoint
 from pipeline.atomic import fsync_dir, make_dirs, no_space_error, partial_path, remove_abandoned_partials
-from pipeline.errors import SourceChanged
-from pipeline.layer import LayerRecord, write_layer
+from pipeline.errors import PipelineError, SourceChanged
+from pipeline.layer import LayerRecord, walk_metadata, write_layer
 from pipeline.tarsplit import TarSplitMismatch, write_layer_from_tarsplit
 
 log = logging.getLogger(__name__)
 
 _BUFFER = 1 << 20
+# The cache-wide lock between users of blobs (shared) and retention's deletion of blobs (exclusive) is a flock on
+# the cache directory itself (per-entry locks are files under locks/, the catalog's its own file).
+# _HELD: the caches this process uses (their real path), each with the descriptor of its shared hold. A process
+# uses a cache from the moment it first looks at a blob until it exits: luigi decides a blob is there (complete())
+# long before a later task copies or uploads it, so no narrower span is safe. Forked workers share the hold.
+_HELD: dict[str, int] = {}
+_COLLECTING: set[str] = set()  # caches this process holds exclusively (in collecting())
+_HELD_LOCK = threading.Lock()
 
 
 class LayerCache:
@@ -28,8 +38,75 @@ class LayerCache:
         self.root = root
 
     def blob_path(self, digest: str) -> Path:
+        """Where the blob is; naming a blob is using it, so this process holds the cache against retention."""
+        self.hold()
         algorithm, _, hex_digest = digest.partition(":")
         return self.root / "blobs" / algorithm / hex_digest
+
+    def hold(self) -> None:
+        """Keep retention from deleting blobs while this process may still use them: a shared flock on the cache
+        directory, taken once and held until the process exits. Retention deletes blobs only with the
+        exclusive lock (collecting()); while it holds it, this waits. A cache that does not exist yet holds
+        nothing to protect (it is held once packing creates it)."""
+        key = os.path.realpath(self.root)
+        with _HELD_LOCK:
+            if key in _HELD or key in _COLLECTING:
+                return
+            _release_vanished()
+            fd = self._open_gc_lock()
+            if fd is None:
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for retention to finish deleting blobs in %s", self.root)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            _HELD[key] = fd
+
+    @contextmanager
+    def collecting(self) -> Iterator[bool]:
+        """Exclusive use of the blobs for retention: True inside when no other process uses the cache (its own
+        shared hold, if any, is converted and given back afterwards), False when another one does (a commit,
+        push or snapshot run): then nothing may be deleted, and this never waits."""
+        key = os.path.realpath(self.root)
+        with _HELD_LOCK:
+            own = _HELD.pop(key, None)
+        fd = own if own is not None else self._open_gc_lock()
+        if fd is None:
+            yield False
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            acquired = True
+        except BlockingIOError:
+            acquired = False
+        with _HELD_LOCK:
+            _COLLECTING.add(key)
+        try:
+            yield acquired
+        finally:
+            with _HELD_LOCK:
+                _COLLECTING.discard(key)
+            if own is None:
+                os.close(fd)
+            else:
+                # Back to shared. A conversion that failed dropped the shared lock (flock(2)); if it cannot be
+                # had back at once, the next use of a blob takes it again.
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                else:
+                    with _HELD_LOCK:
+                        _HELD.setdefault(key, fd)
+
+    def _open_gc_lock(self) -> int | None:
+        """The cache directory itself, opened to be flock'ed: the gc lock needs no file of its own."""
+        try:
+            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:  # no cache (yet): nothing to protect, or nothing to collect
+            log.debug("%s: cannot take the cache's gc lock (%s)", self.root, e)
+            return None
 
     def has_blob(self, record: LayerRecord, *, recorded_ns: int | None = None) -> bool:
         """Whether the blob is intact: the recorded size, and the recorded digest if it changed since recorded_ns
@@ -59,6 +136,7 @@ class LayerCache:
         """Exclusive across processes (flock), so two workers never pack the same layer at the same moment."""
         lock_dir = self.root / "locks"
         make_dirs(lock_dir)
+        self.hold()
         fd = os.open(lock_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             try:
@@ -76,11 +154,15 @@ class LayerCache:
         *,
         clamp_mtime: int | None = None,
         progress: Callable[[int], None] | None = None,
+        overlay_xattrs: str | None = "trusted",
     ) -> LayerRecord:
-        """Pack layer_dir into the cache and return its record; a file changing meanwhile gets one retry."""
+        """Pack layer_dir into the cache and return its record; a file changing meanwhile gets one retry.
+        overlay_xattrs says where the layer's overlay markers live (layer.write_layer)."""
 
         def write(out: BinaryIO) -> LayerRecord:
-            return write_layer(layer_dir, out, clamp_mtime=clamp_mtime, progress=progress)
+            return write_layer(
+                layer_dir, out, clamp_mtime=clamp_mtime, progress=progress, overlay_xattrs=overlay_xattrs
+            )
 
         try:
             return self._store(layer_dir, write)
@@ -106,6 +188,7 @@ class LayerCache:
         """Write a layer blob through a temporary file, named by its digest once complete and fsync'd."""
         blob_dir = self.root / "blobs" / "sha256"
         make_dirs(blob_dir)
+        self.hold()  # before anything is written: a blob with no record yet is only safe from retention this way
         remove_abandoned_partials(blob_dir)
         temp = partial_path(blob_dir / "layer")
         try:
@@ -138,11 +221,23 @@ class LayerCache:
 def _estimate_size(layer_dir: Path) -> int:
     """The tar size of layer_dir, roughly: data rounded to blocks plus a header per entry."""
     total = 1024
-    for dirpath, dirnames, filenames in os.walk(layer_dir):
-        for name in dirnames + filenames:
-            try:
-                size = os.lstat(os.path.join(dirpath, name)).st_size if name in filenames else 0
-            except OSError:
-                size = 0
+    try:
+        for _, st in walk_metadata(layer_dir):  # at any depth (no recursion, no path strings, few fds)
+            size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
             total += 512 + -(-size // 512) * 512
+    except PipelineError:  # a directory moved meanwhile: what was counted is estimate enough
+        pass
     return total
+
+
+def _release_vanished() -> None:
+    """Drop holds on caches whose lock file is gone (a test's temporary cache deleted): nothing left to protect,
+    and a process that uses many short-lived caches must not keep a descriptor for each."""
+    for key, fd in list(_HELD.items()):
+        try:
+            gone = os.fstat(fd).st_nlink == 0
+        except OSError:
+            gone = True
+        if gone:
+            os.close(fd)
+            del _HELD[key]

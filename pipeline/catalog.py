@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline import jsoncheck
 from pipeline.atomic import make_dirs, write_bytes_atomic
 from pipeline.errors import StorageError
 
@@ -52,12 +53,37 @@ class SnapshotRecord:
     @classmethod
     def from_json(cls, data: bytes, where: Path) -> "SnapshotRecord":
         try:
-            doc: dict[str, Any] = json.loads(data)
+            doc = jsoncheck.loads(data)
+            _check_record(doc)
             doc["diff_ids"] = tuple(doc["diff_ids"])
             doc["layer_sizes"] = tuple(doc["layer_sizes"])
             return cls(**doc)
         except (ValueError, KeyError, TypeError) as e:
             raise StorageError(f"{where}: damaged snapshot record ({e}); delete it and re-run the snapshot") from e
+
+
+_RECORD_STRINGS = ("container_id", "name", "stamp", "reference", "archive", "config_digest", "fingerprint")
+
+
+def _check_record(doc: Any) -> None:
+    """Raise FieldError (a ValueError) unless doc has SnapshotRecord's fields with their types; a missing or extra
+    field is left to the constructor's TypeError."""
+    if not isinstance(doc, dict):
+        raise jsoncheck.FieldError("the record", "a JSON object", doc)
+    for key in (*_RECORD_STRINGS, "reused_from", "source"):
+        if key in doc:
+            jsoncheck.string(doc[key], key)
+    if doc.get("status") not in ("new", "reused"):
+        raise jsoncheck.FieldError("status", '"new" or "reused"', doc.get("status"))
+    diff_ids, sizes = jsoncheck.strings(doc.get("diff_ids"), "diff_ids"), doc.get("layer_sizes")
+    if not isinstance(sizes, list) or diff_ids is None or len(sizes) != len(diff_ids):
+        raise jsoncheck.FieldError("layer_sizes", "an array with one size per diff_id", sizes)
+    for index, size in enumerate(sizes):
+        jsoncheck.whole_number(size, f"layer_sizes[{index}]", 0)
+    jsoncheck.whole_number(doc.get("archive_size"), "archive_size", 0)
+    duration = doc.get("duration")
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)):
+        raise jsoncheck.FieldError("duration", "a number of seconds", duration)
 
 
 def catalog_dir(output_dir: Path) -> Path:

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline import compression, freezer, ocilayout
+from pipeline import compression, freezer, jsoncheck, ocilayout
 from pipeline.archive import Member, archive_size, read_member, write_image_archive
 from pipeline.atomic import atomic_path, make_dirs, no_space_error
 from pipeline.cache import LayerCache
@@ -35,21 +35,25 @@ class LayerSource:
     The key is the diff_id the engine recorded for an image layer; where the engine records none (rocker), the
     layer's real path with a metadata fingerprint of its directory; for the container's own layer, its id with
     the fingerprint of its upper dir. Cache records are named by the key, so a layer directory rebuilt in place
-    or a container changed since is never taken for what was packed before.
+    or a container changed since is never taken for what was packed before. overlay_xattrs: where the layer's
+    overlay markers live (container.Layer).
     """
 
     layer_dir: str
     key: str
     tar_split: str = ""
     diff_id: str = ""
+    overlay_xattrs: str = "trusted"
 
-    def as_param(self) -> tuple[str, str, str, str]:
-        return (self.layer_dir, self.key, self.tar_split, self.diff_id)
+    def as_param(self) -> tuple[str, ...]:
+        # overlay_xattrs only when it is not the default, so the tasks of rootful storage keep the ids they had.
+        extra = () if self.overlay_xattrs == "trusted" else (self.overlay_xattrs,)
+        return (self.layer_dir, self.key, self.tar_split, self.diff_id, *extra)
 
     @classmethod
     def from_param(cls, value: Sequence[str]) -> "LayerSource":
-        layer_dir, key, tar_split, diff_id = value
-        return cls(layer_dir, key, tar_split, diff_id)
+        layer_dir, key, tar_split, diff_id, *extra = value
+        return cls(layer_dir, key, tar_split, diff_id, *extra)
 
 
 @dataclass(frozen=True)
@@ -71,11 +75,16 @@ def read_state(storage: Storage, container: Container, config_file: str = "") ->
             layer.diff_id or f"dir:{os.path.realpath(layer.layer_dir)}:{scan_layer(layer.layer_dir).fingerprint}",
             str(layer.tar_split or ""),
             layer.diff_id,
+            layer.overlay_xattrs,
         )
         for layer in container.lower_layers
     )
     upper_dir = container.layer.layer_dir
-    upper = LayerSource(str(upper_dir), f"upper:{container.container_id}:{scan_layer(upper_dir).fingerprint}")
+    upper = LayerSource(
+        str(upper_dir),
+        f"upper:{container.container_id}:{scan_layer(upper_dir).fingerprint}",
+        overlay_xattrs=container.layer.overlay_xattrs,
+    )
     settings = {k: v for k, v in asdict(container).items() if k not in ("running", "pid", "lower_layers", "layer")}
     doc = {
         "container": settings,
@@ -135,6 +144,42 @@ def check_writable(path: Path, fmt: str = "both") -> None:
         raise OutputError(f"{path}: cannot write under {ancestor}; choose another --output or output_dir")
 
 
+OUTPUT_DIR_FLAG = "--commit-output-dir ([commit] output_dir)"
+CACHE_DIR_FLAG = "--commit-cache-dir ([commit] cache_dir)"
+
+
+def check_outside_storage(storage_root: str | Path, paths: dict[str, str | Path]) -> None:
+    """Refuse, before anything is scanned or packed, any of paths (flag: path this run would write) that lies inside
+    the storage root, which the pipeline only ever reads: it would change the storage, even a container's own diff/,
+    whose next commit would then pack the archive into the image.
+
+    Symlinks are resolved (realpath: the real path of the nearest existing ancestor, then the rest), so a symlink
+    into the storage is caught too, and so is an ancestor that is the storage root's own inode (a bind mount of it).
+    """
+    root = os.path.realpath(storage_root)
+    try:
+        root_st = os.stat(root)
+    except OSError:
+        root_st = None  # no storage there: reading it fails later, naming it
+    for flag, path in paths.items():
+        given = os.path.abspath(path)
+        real = os.path.realpath(given)
+        inside = real == root or real.startswith(root.rstrip("/") + "/")
+        for ancestor in (real, *(str(p) for p in Path(real).parents)):
+            if inside or root_st is None:
+                break
+            try:
+                inside = os.path.samestat(os.stat(ancestor), root_st)
+            except OSError:
+                continue
+        if inside:
+            through = "" if real == given else f" (through symlinks: {real})"
+            raise OutputError(
+                f"{flag} {given}: inside the storage root {storage_root}{through}, which the pipeline only reads;"
+                f" give {flag.split()[0]} a path outside the storage root"
+            )
+
+
 def source_date_epoch() -> int | None:
     """SOURCE_DATE_EPOCH (https://reproducible-builds.org/specs/source-date-epoch/) or None."""
     text = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
@@ -176,14 +221,23 @@ def image_layers(records: Sequence[LayerRecord], *, squash: bool) -> list[LayerR
 def read_diff_ids(config_path: Path) -> list[str] | None:
     """The rootfs.diff_ids of the image config at config_path, or None when it is missing or unreadable."""
     try:
-        diff_ids = json.loads(config_path.read_bytes())["rootfs"]["diff_ids"]
+        diff_ids = jsoncheck.loads(config_path.read_bytes())["rootfs"]["diff_ids"]
     except (OSError, ValueError, LookupError, TypeError):
         return None
     return diff_ids if isinstance(diff_ids, list) else None
 
 
-def check_options(changes: tuple[str, ...], config_file: str) -> None:
-    """Raise the error a bad --change or --config would cause later, now."""
+def check_options(changes: tuple[str, ...], config_file: str, author: str = "", message: str = "") -> None:
+    """Raise the error a bad --change, --config, --author or --message would cause later, now."""
+    for flag, values in (("--author", [author]), ("--message", [message]), ("--change", list(changes))):
+        for value in values:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # bytes that are not UTF-8 reach argv as lone surrogates
+                shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                raise PipelineError(
+                    f"{flag} {shown!r}: not valid UTF-8, which an image config must be; give it as UTF-8 text"
+                ) from None
     apply_changes(read_config_file(config_file), list(changes))
 
 
@@ -192,13 +246,16 @@ def read_config_file(path: str) -> dict[str, Any]:
     if not path:
         return {}
     try:
-        doc = json.loads(Path(path).read_bytes())
+        doc = jsoncheck.loads(Path(path).read_bytes())
     except (OSError, ValueError) as e:
         raise PipelineError(f"--config {path}: cannot read it as JSON ({e}); fix the file") from e
-    if isinstance(doc, dict) and isinstance(doc.get("config"), dict):
-        doc = doc["config"]
+    section = "config" if isinstance(doc, dict) and isinstance(doc.get("config"), dict) else ""
+    if section:
+        doc = doc[section]
     if not isinstance(doc, dict):
         raise PipelineError(f"--config {path}: must be a JSON object of image config keys such as Cmd and Env")
+    with jsoncheck.fields_of(f"--config {path}", "fix the file", PipelineError):
+        jsoncheck.check_config_section(doc, section)
     return doc
 
 
@@ -307,14 +364,14 @@ def read_image_id(archive: Path) -> str | None:
     try:
         docker = read_member(archive, "manifest.json")
         if docker is not None:
-            config_name = json.loads(docker)[0]["Config"]
+            config_name = jsoncheck.loads(docker)[0]["Config"]
             return "sha256:" + str(config_name).rpartition("/")[2].removesuffix(".json")
         index = read_member(archive, "index.json")
         if index is None:
             return None
-        manifest_digest = str(json.loads(index)["manifests"][0]["digest"])
+        manifest_digest = str(jsoncheck.loads(index)["manifests"][0]["digest"])
         manifest = read_member(archive, blob_name(manifest_digest))
-        return None if manifest is None else str(json.loads(manifest)["config"]["digest"])
+        return None if manifest is None else str(jsoncheck.loads(manifest)["config"]["digest"])
     except (ValueError, LookupError, TypeError, AttributeError):
         return None
 
@@ -340,12 +397,16 @@ def archive_mtime(config: bytes) -> int:
 def pause_while_packing(container: Container, marker_dir: Path, *, enabled: bool) -> AbstractContextManager[object]:
     """Freeze a running container's cgroup while its layer is packed, as `docker commit` does by default.
 
+    Only the cgroup named after the container's id is frozen, never the one its recorded pid merely sits in (a
+    stale or forged pid may name any process), and a container already paused stays paused: its engine readers
+    report a paused container as not running, and freezer.paused leaves any cgroup it finds frozen alone.
     Containers frozen by a commit that was killed are thawed first (their markers sit in marker_dir).
     """
     freezer.thaw_abandoned(marker_dir)
     if not enabled or not container.running or container.pid <= 0:
         return nullcontext()
-    return freezer.paused(container.pid, marker_dir, label=f"{container.name.lstrip('/')} ({container.short_id})")
+    label = f"{container.name.lstrip('/')} ({container.short_id})"
+    return freezer.paused(container.pid, marker_dir, label=label, container_id=container.container_id)
 
 
 def pack_image_layer(
@@ -361,29 +422,48 @@ def pack_image_layer(
         record = cache.reassemble_layer(layer.layer_dir, layer.tar_split, layer.diff_id)
         if record is not None:
             return record
-    return pack_scanned_layer(cache, layer.layer_dir, clamp_mtime=clamp_mtime, report=report)
+    return pack_scanned_layer(
+        cache, layer.layer_dir, clamp_mtime=clamp_mtime, report=report, overlay_xattrs=layer.overlay_xattrs
+    )
 
 
 def pack_scanned_layer(
-    cache: LayerCache, layer_dir: Path, *, clamp_mtime: int | None, report: Callable[[int, int], None]
+    cache: LayerCache,
+    layer_dir: Path,
+    *,
+    clamp_mtime: int | None,
+    report: Callable[[int, int], None],
+    overlay_xattrs: str = "trusted",
 ) -> LayerRecord:
     """Scan layer_dir (fingerprint and size), then pack it, reporting (bytes done, bytes expected) as it goes.
 
     The fingerprint is taken before packing, so a layer changed meanwhile never looks unchanged later.
     """
     scan = scan_layer(layer_dir)
-    record = cache.pack_layer(layer_dir, clamp_mtime=clamp_mtime, progress=lambda done: report(done, scan.file_bytes))
+    record = cache.pack_layer(
+        layer_dir,
+        clamp_mtime=clamp_mtime,
+        progress=lambda done: report(done, scan.file_bytes),
+        overlay_xattrs=overlay_xattrs,
+    )
     return replace(record, fingerprint=scan.fingerprint)
 
 
 def pack_container_layer(
-    cache: LayerCache, layer_dir: Path, *, clamp_mtime: int | None, report: Callable[[int, int], None]
+    cache: LayerCache,
+    layer_dir: Path,
+    *,
+    clamp_mtime: int | None,
+    report: Callable[[int, int], None],
+    overlay_xattrs: str = "trusted",
 ) -> LayerRecord:
     """The container's upper dir packed, its fingerprint taken before packing and again after, so the record
     describes one state of the container: an entry added, removed or rewritten meanwhile (even one packing had
     already passed) makes the layer be packed once more, and a second change is an error."""
     for attempt in (1, 2):
-        record = pack_scanned_layer(cache, layer_dir, clamp_mtime=clamp_mtime, report=report)
+        record = pack_scanned_layer(
+            cache, layer_dir, clamp_mtime=clamp_mtime, report=report, overlay_xattrs=overlay_xattrs
+        )
         if scan_layer(layer_dir).fingerprint == record.fingerprint:
             return record
         if attempt == 1:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import zlib
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ import isal
 import zstandard
 from isal import isal_zlib
 
+from pipeline import jsoncheck
 from pipeline.atomic import fsync_dir, no_space_error, partial_path, write_bytes_atomic
 from pipeline.cache import LayerCache
 from pipeline.errors import LayerError, OutputError, PipelineError
@@ -52,6 +54,7 @@ _DEFAULT_LEVELS = {"none": 0, "gzip": 1, "zstd": 3}
 ZSTD_THREADS = max(1, min(4, len(os.sched_getaffinity(0))))
 
 _CHUNK = 1 << 20
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # zstd's workers are fed several jobs at a time (4 jobs of 1 MiB per call), so none waits on this thread.
 _ZSTD_CHUNK = 4 << 20
 _ZSTD_JOB = 1 << 20
@@ -322,21 +325,28 @@ def _read_mapping(
     """The recorded blob if its mapping is readable and the blob intact; None (compress again) otherwise."""
     try:
         recorded_ns = mapping.stat().st_mtime_ns
-        doc = json.loads(mapping.read_bytes())
+        doc = jsoncheck.loads(mapping.read_bytes())
+        if not isinstance(doc, dict):
+            raise jsoncheck.FieldError("the record", "a JSON object", doc)
         blob = CompressedBlob(
-            digest=str(doc["digest"]),
-            size=int(doc["size"]),
-            diff_id=str(doc["diff_id"]),
-            algorithm=str(doc["algorithm"]),
-            level=int(doc["level"]),
-            media_type=str(doc["media_type"]),
+            digest=jsoncheck.string(doc["digest"], "digest"),
+            size=jsoncheck.whole_number(doc["size"], "size", 0),
+            diff_id=jsoncheck.string(doc["diff_id"], "diff_id"),
+            algorithm=jsoncheck.string(doc["algorithm"], "algorithm"),
+            level=jsoncheck.whole_number(doc["level"], "level"),
+            media_type=jsoncheck.string(doc["media_type"], "media_type"),
         )
+        # The digest names the blob's file in the cache: nothing but a sha256 digest may.
+        if not _DIGEST.fullmatch(blob.digest):
+            raise jsoncheck.FieldError("digest", "sha256:<64 hex digits>", blob.digest)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("%s: damaged compressed-blob record (%s); compressing again", mapping, e)
         return None
-    if (blob.diff_id, blob.algorithm, blob.level) != (record.diff_id, algorithm, level):
+    # The media type goes into manifests as it is: it must be the one this algorithm's blobs have.
+    expected = (record.diff_id, algorithm, level, MEDIA_TYPES.get(algorithm))
+    if (blob.diff_id, blob.algorithm, blob.level, blob.media_type) != expected:
         log.warning("%s: records another layer or setting; compressing again", mapping)
         return None
     if not _blob_intact(cache.blob_path(blob.digest), blob, recorded_ns):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.errors import ContainerNotFound, StorageError
+from pipeline.jsoncheck import check_config_value, fields_of
 
 # Engines name containers by hex ids (64 chars) and users type prefixes; names add [A-Za-z0-9_.-] (docker's rule).
 _ID_OR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
@@ -18,13 +19,16 @@ class Layer:
 
     diff_id is the digest the engine recorded for the layer ("" where it records none, as rocker): it identifies
     the layer's content in the cache. Engines that kept the layer's original tar as tar-split records name them,
-    so the layer can be reassembled byte for byte (to that diff_id) instead of re-packed.
+    so the layer can be reassembled byte for byte (to that diff_id) instead of re-packed. overlay_xattrs is the
+    namespace of its overlay markers: "trusted" (trusted.overlay.*), or "user" (user.overlay.*) for storage an
+    engine mounts with "userxattr" (overlay_xattrs_of); the other namespace holds no markers (whiteout.py).
     """
 
     layer_id: str
     layer_dir: Path
     tar_split: Path | None = None
     diff_id: str = ""
+    overlay_xattrs: str = "trusted"
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,8 @@ def pick_image_config(config: dict[str, Any], where: Path) -> dict[str, Any]:
         if value is not None:
             if not isinstance(value, kind):
                 raise StorageError(f"{where}: Config.{key} must be a JSON {kind.__name__}; fix or recreate it")
+            with fields_of(where, "fix or recreate it"):
+                check_config_value(key, value, f"Config.{key}")  # items too: Env of strings, ports as keys
             picked[key] = value
     return picked
 
@@ -206,6 +212,8 @@ def pick_docker_config(config: dict[str, Any], where: Path) -> dict[str, Any]:
         # bool is an int in Python; a JSON true is no StopTimeout.
         if value is not None and (not isinstance(value, spec.kind) or (spec.kind is int and isinstance(value, bool))):
             raise StorageError(f"{where}: Config.{key} must be a JSON {spec.kind.__name__}; fix or recreate it")
+        with fields_of(where, "fix or recreate it"):
+            check_config_value(key, value, f"Config.{key}")  # items too: Env of strings, ports as keys, int64
         picked[key] = value
     return picked
 
@@ -226,6 +234,26 @@ def checked_layer_dir(layers_root: Path, layer_id: str, container_id: str, *, li
             " the storage is incomplete or uses another storage driver than overlay"
         )
     return layer_dir
+
+
+def overlay_xattrs_of(storage_root: Path) -> str:
+    """The xattr namespace of the overlay markers in an engine's storage: "user" when the storage root belongs to an
+    unprivileged user, else "trusted".
+
+    An engine running rootless mounts overlayfs in a user namespace with "userxattr", so the kernel writes and reads
+    its markers as user.overlay.* (Documentation/filesystems/overlayfs.rst, "userxattr"): containers/storage's
+    overlay driver adds "userxattr" when unshare.IsRootless() (drivers/overlay/overlay.go) and unpacks layers with
+    user.overlay.* markers then (pkg/archive GetOverlayXattrName); moby's overlay2 likewise when running in a user
+    namespace (daemon/graphdriver/overlayutils GetOverlayXattr). Such an engine creates its storage root as, and for,
+    the unprivileged user (~/.local/share/containers/storage, ~/.local/share/docker); one running as root creates
+    it as root. The root's owner is asked, not a layer_dir's: a container may chown its own upper dir (its "/").
+    fuse-overlayfs (a storage.conf mount_program) has markers of its own and .wh.* files, refused when packed.
+    """
+    try:
+        owner = storage_root.stat().st_uid
+    except OSError as e:
+        raise StorageError(f"{storage_root}: cannot read the storage root ({e.strerror}); check --storage-root") from e
+    return "trusted" if owner == 0 else "user"
 
 
 def list_container_dirs(containers_dir: Path, pattern: re.Pattern[str]) -> list[str]:

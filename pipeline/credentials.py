@@ -5,13 +5,13 @@ Reference: https://docs.docker.com/reference/cli/docker/login/#credential-stores
 """
 
 import base64
-import json
 import os
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import jsoncheck
 from pipeline.errors import RegistryError
 
 ENV_USERNAME = "PIPELINE_REGISTRY_USERNAME"
@@ -42,7 +42,7 @@ def find_credentials(host: str, environ: Mapping[str, str] = os.environ) -> Cred
 
 def _docker_credentials(path: Path, host: str) -> Credentials | None:
     try:
-        doc = json.loads(path.read_bytes())
+        doc = jsoncheck.loads(path.read_bytes())
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
     except FileNotFoundError:
@@ -96,7 +96,7 @@ def _helper_credentials(helper: str, host: str, config: Path) -> Credentials | N
     if done.returncode != 0:
         return None  # helpers exit 1 with "credentials not found" for an unknown server
     try:
-        answer = json.loads(done.stdout)
+        answer = jsoncheck.loads(done.stdout)
         return Credentials(str(answer["Username"]), str(answer["Secret"]), f"{config} ({program})")
     except (ValueError, KeyError, TypeError) as e:
         raise RegistryError(f"{config}: credential helper {program} answered no credentials ({e!r})") from e

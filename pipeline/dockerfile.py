@@ -10,6 +10,7 @@ import re
 import shlex
 from typing import Any
 
+from pipeline import jsoncheck
 from pipeline.errors import InvalidChange
 
 INSTRUCTIONS = ("CMD", "ENTRYPOINT", "ENV", "EXPOSE", "LABEL", "ONBUILD", "USER", "VOLUME", "WORKDIR", "STOPSIGNAL")
@@ -72,7 +73,7 @@ def _command(text: str, change: str) -> list[str]:
 
 def _json_list(text: str, change: str) -> list[str]:
     try:
-        value = json.loads(text)
+        value = jsoncheck.loads(text)  # also refuses nesting deeper than Python's stack
     except ValueError:
         value = None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

@@ -2,6 +2,10 @@
 
 Kernel interfaces: https://docs.kernel.org/admin-guide/cgroup-v1/freezer-subsystem.html (v1 freezer.state) and
 https://docs.kernel.org/admin-guide/cgroup-v2.html#core-interface-files (v2 cgroup.freeze, cgroup.events).
+
+The pid an engine records is not trusted to name the container: it may be stale (a number reused after the container
+died) or forged. Only a cgroup named after the container's full id, the way its engine names it, is ever frozen
+(container_cgroup_names), and a cgroup someone else froze (a paused container) is never frozen or thawed here.
 """
 
 import json
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline import jsoncheck
 from pipeline.atomic import write_bytes_atomic
 from pipeline.errors import StorageError
 
@@ -31,6 +36,39 @@ _PROC = Path("/proc")
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # mountinfo escapes space, tab, newline and backslash in paths as \ooo (proc(5)).
 _MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")
+# Docker, podman (containers/storage) and rocker all name containers by 64 hex characters (moby pkg/stringid,
+# containers/storage pkg/stringid, rocker pkg/stringid GenerateRandomID): only a full id can name a cgroup.
+_FULL_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def container_cgroup_names(container_id: str) -> frozenset[str]:
+    """The names the engines give the cgroup of the container with this full id (one path component each).
+
+    - docker, cgroupfs driver: `<cgroup parent>/<id>`, `/docker/<id>` by default; systemd driver: the runtime is
+      handed `<slice>:docker:<id>` and makes it the unit `docker-<id>.scope` (`system.slice/docker-<id>.scope` by
+      default). moby daemon/oci_linux.go WithCgroups (scopePrefix "docker", parent "/docker" or "system.slice",
+      `filepath.Join(parent, c.ID)` or `parent + ":" + scopePrefix + ":" + c.ID`); the unit name is runc's
+      libcontainer/cgroups/systemd/common.go getUnitName (`ScopePrefix + "-" + Name + ".scope"`).
+    - podman, with containers/common's cgroup_manager (docs/containers.conf.5.md: "systemd" or "cgroupfs"): systemd
+      `<parent>:libpod:<id>`, i.e. `libpod-<id>.scope` (`machine.slice/libpod-<id>.scope` by default); cgroupfs
+      `<parent>/libpod-<id>` (`/libpod_parent/libpod-<id>` by default); `--cgroups split` `<own>/libpod-payload-<id>`.
+      containers/podman libpod/container_internal_linux.go getOCICgroupPath, defaults in libpod/runtime_ctr.go.
+      conmon, which watches the container from outside it, gets a cgroup of its own that is not one of these:
+      `libpod-conmon-<id>.scope` or `<parent>/conmon` (libpod/oci_conmon_linux.go moveConmonToCgroupAndSignal);
+      containers.conf `cgroups = "disabled"` leaves the container in podman's own cgroup, named after nothing.
+    - rocker: `/<id>` in each hierarchy it uses (RedDragonet/rocker run.go `cgroup.NewCgroupManager(containerID)`,
+      cgroup/subsystem/utils.go GetCgroupPath joins it to the hierarchy's mount point); rocker only manages cpuset,
+      memory and cpu (cgroup/subsystem/subsystem.go), so its containers have no freezer cgroup of their own.
+    """
+    return frozenset(
+        {
+            container_id,
+            f"docker-{container_id}.scope",
+            f"libpod-{container_id}.scope",
+            f"libpod-{container_id}",
+            f"libpod-payload-{container_id}",
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -98,6 +136,18 @@ class Freezer:
         except OSError as e:
             raise StorageError(f"{self.path}: cannot read the cgroup's freezer state ({e.strerror})") from e
 
+    def is_paused(self) -> bool:
+        """Whether someone has frozen the cgroup or asked for it: v1 freezer.state FROZEN or FREEZING (which it also
+        reads while an ancestor is frozen), v2 cgroup.freeze 1 or cgroup.events "frozen 1" (an ancestor frozen)."""
+        try:
+            if self.version == 1:
+                return (self.path / "freezer.state").read_text().strip() in ("FROZEN", "FREEZING")
+            return (self.path / "cgroup.freeze").read_text().strip() == "1" or self._reads_frozen()
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise StorageError(f"{self.path}: cannot read the cgroup's freezer state ({e.strerror})") from e
+
     def _reads_frozen(self) -> bool:
         if self.version == 1:
             # FREEZING (a freeze still in progress) counts as not frozen.
@@ -105,57 +155,118 @@ class Freezer:
         return "frozen 1" in (self.path / "cgroup.events").read_text().splitlines()
 
 
-def find_freezer(pid: int, *, cgroup_root: Path = Path("/sys/fs/cgroup")) -> Freezer | None:
-    """The freezer of pid's cgroup, or None when pid is gone, no freezer is mounted or its cgroup must not freeze.
+def find_freezer(pid: int, container_id: str, *, cgroup_root: Path = Path("/sys/fs/cgroup")) -> Freezer | None:
+    """The freezer of the container's own cgroup, found through pid, or None when it must not be frozen (the
+    reason is what locate_freezer returns)."""
+    found = locate_freezer(pid, container_id, cgroup_root=cgroup_root)
+    return found if isinstance(found, Freezer) else None
 
-    A v1 freezer cgroup is preferred over the v2 one: on hybrid hosts it is the one the container runtime
-    manages. Mount points come from /proc/self/mountinfo; cgroup_root's conventional layout (freezer/, unified/
-    or cgroup2 at cgroup_root itself) is only consulted when mountinfo lists no mount of that version.
+
+def locate_freezer(pid: int, container_id: str, *, cgroup_root: Path = Path("/sys/fs/cgroup")) -> Freezer | str:
+    """The freezer of the container's own cgroup, found through pid, or why there is none to freeze.
+
+    The cgroup frozen is the one named after the container (container_cgroup_names): the outermost component of
+    pid's cgroup path that names it, which is the cgroup the engine's own pause freezes. A pid whose cgroup names no
+    such component (a reused or forged pid, a process outside the container), the root cgroup, conmon's cgroup and
+    a cgroup holding this process are refused. A v1 freezer cgroup is preferred over the v2 one: on hybrid hosts it
+    is the one the container runtime manages. Mount points come from /proc/self/mountinfo; cgroup_root's
+    conventional layout (freezer/, unified/ or cgroup2 at cgroup_root itself) is only consulted when mountinfo
+    lists no mount of that version.
     """
     if pid <= 0:
-        return None
+        return f"pid {pid} is no process"
     try:
         memberships = _read_memberships(_PROC / str(pid) / "cgroup")
     except (FileNotFoundError, ProcessLookupError):
-        return None
+        return f"pid {pid} is gone"
     own = _read_memberships(_PROC / "self" / "cgroup")
     mounts = _read_cgroup_mounts(_PROC / "self" / "mountinfo")
+    reasons: list[str] = []
     for version in (1, 2):
         cgroup = memberships.get(version)
-        if cgroup is None or cgroup == "/":
-            # The root cgroup holds every process not placed elsewhere: freezing it would stop the whole machine.
+        if cgroup is None:
             continue
-        if _is_within(own.get(version), cgroup):
+        found = f"its v{version} cgroup {cgroup}"
+        target = container_cgroup(cgroup, container_id)
+        if isinstance(target, _Refusal):
+            reasons.append(f"{found} {target.why}")
+            continue
+        if _is_within(own.get(version), target):
             # Freezing a cgroup that holds this process would stop the commit itself, and with it the thaw.
-            log.debug("pid %d: its v%d cgroup %s also holds this process; not freezing it", pid, version, cgroup)
+            reasons.append(f"{found} also holds this commit process")
             continue
         candidates = [m for m in mounts if m.version == version] or _conventional_mounts(version, cgroup_root)
         control = "freezer.state" if version == 1 else "cgroup.freeze"
         for mount in candidates:
-            relative = _relative_to(cgroup, mount.root)
+            relative = _relative_to(target, mount.root)
             if relative is not None and (mount.point / relative / control).is_file():
                 return Freezer(mount.point / relative, version)
-    return None
+        reasons.append(f"{found} has no {control} under any mounted cgroup v{version} hierarchy")
+    return "; ".join(reasons) or f"pid {pid} is in no v1 freezer or v2 cgroup"
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    why: str
+
+
+def container_cgroup(cgroup: str, container_id: str) -> str | _Refusal:
+    """The container's own cgroup within cgroup (a path as /proc/<pid>/cgroup gives it), or why there is none.
+
+    It is cgroup up to its outermost component named after the container (container_cgroup_names): what the engine
+    created for the container, where a process of the container may have made sub-cgroups below.
+    """
+    if not _FULL_ID.fullmatch(container_id):
+        return _Refusal(f"cannot be told to be the container's: its id {container_id!r} is not a full 64-hex id")
+    if cgroup.strip("/") == "":
+        # The root cgroup holds every process not placed elsewhere: freezing it would stop the whole machine.
+        return _Refusal("is the root cgroup")
+    parts = cgroup.strip("/").split("/")
+    names = container_cgroup_names(container_id)
+    named = next((i for i, part in enumerate(parts) if part in names), None)
+    if named is None:
+        return _Refusal("is not named after the container")
+    if "conmon" in parts[named + 1 :]:
+        # Old podman (cgroupfs) put conmon below the container's cgroup: such a pid is conmon's, not the container's.
+        return _Refusal("is conmon's, not the container's")
+    return "/" + "/".join(parts[: named + 1])
 
 
 @contextmanager
-def paused(pid: int, marker_dir: Path, *, label: str) -> Iterator[Freezer | None]:
-    """Keep the container's processes frozen for the duration of the block; yield None if it cannot be frozen.
+def paused(pid: int, marker_dir: Path, *, label: str, container_id: str) -> Iterator[Freezer | None]:
+    """Keep the container's processes frozen for the duration of the block; yield the Freezer this block froze, or
+    None when it froze nothing: no cgroup of the container's could be found through pid (one WARNING says what was
+    found instead), or the container was paused already (frozen by its engine or another commit), in which case it
+    is packed as it is and left frozen.
 
     The marker is written before freezing, so a commit killed while the container is frozen leaves what
     thaw_abandoned needs to thaw it; it is removed only once the thaw succeeded.
     """
-    freezer = find_freezer(pid)
-    if freezer is None:
+    found = locate_freezer(pid, container_id)
+    if not isinstance(found, Freezer):
         log.warning(
-            "container %s (pid %d): no freezable cgroup (the process is gone, sits in a root cgroup or shares this"
-            " process's cgroup); the commit proceeds unpaused, so files written meanwhile may be packed half-written",
+            "container %s (pid %d): not freezing it: %s; the commit proceeds unpaused, so a file written while the"
+            " layer is packed makes it be packed once more, then the commit fails naming the file",
             label,
             pid,
+            found,
         )
         yield None
         return
-    marker = _write_marker(marker_dir, freezer, pid, label)
+    freezer = found
+    # Thawing what someone else froze would unpause the container behind its engine's back (docker pause, podman
+    # pause, another commit). Not atomic: a pause that lands between this check and the freeze is thawed after.
+    if freezer.is_paused():
+        log.warning(
+            "container %s (pid %d): already paused (%s is frozen, by its engine or another commit); packing it as it"
+            " is, without freezing or thawing it",
+            label,
+            pid,
+            freezer.path,
+        )
+        yield None
+        return
+    marker = _write_marker(marker_dir, freezer, pid, label, container_id)
     try:
         try:
             freezer.freeze()
@@ -169,7 +280,10 @@ def paused(pid: int, marker_dir: Path, *, label: str) -> Iterator[Freezer | None
 
 
 def thaw_abandoned(marker_dir: Path) -> list[Path]:
-    """Thaw the cgroups left frozen by commits that died, remove their markers and return the cgroups thawed."""
+    """Thaw the cgroups left frozen by commits that died, remove their markers and return the cgroups thawed.
+
+    Only a cgroup the dead commit provably froze is thawed (_not_frozen_by); any other stays frozen, with a warning.
+    """
     markers: dict[Path, _Marker] = {}
     for path in sorted(marker_dir.glob(f"*{MARKER_SUFFIX}")):
         try:
@@ -190,15 +304,29 @@ def thaw_abandoned(marker_dir: Path) -> list[Path]:
         if verdict in ("live", "foreign"):
             continue
         cgroup = marker.freezer.path
-        if verdict == "dead" and cgroup not in held and cgroup not in thawed and cgroup.is_dir():
-            log.warning(
-                "container %s: thawing %s, left frozen by commit process %d, which died",
-                marker.label,
-                cgroup,
-                marker.owner_pid,
-            )
-            marker.freezer.thaw()
-            thawed.append(cgroup)
+        if verdict == "dead" and cgroup not in held and cgroup not in thawed and marker.freezer.is_paused():
+            refusal = _not_frozen_by(marker)
+            if refusal is not None:
+                control, value = ("freezer.state", "THAWED") if marker.freezer.version == 1 else ("cgroup.freeze", "0")
+                log.warning(
+                    "container %s: not thawing %s, named by the marker of commit process %d, which died: %s; if"
+                    " the container should run, `echo %s > %s`",
+                    marker.label,
+                    cgroup,
+                    marker.owner_pid,
+                    refusal,
+                    value,
+                    cgroup / control,
+                )
+            else:
+                log.warning(
+                    "container %s: thawing %s, left frozen by commit process %d, which died",
+                    marker.label,
+                    cgroup,
+                    marker.owner_pid,
+                )
+                marker.freezer.thaw()
+                thawed.append(cgroup)
         path.unlink(missing_ok=True)
     return thawed
 
@@ -219,6 +347,10 @@ class _Marker:
     owner_start: int | None
     host: str | None
     boot_id: str | None
+    # Which container's cgroup the commit froze, and that cgroup's inode (so a cgroup made since at the same path,
+    # which the commit never froze, is never thawed); None in markers written before they were recorded.
+    container_id: str | None = None
+    cgroup_inode: int | None = None
 
 
 def _read_memberships(path: Path) -> dict[int, str]:
@@ -289,11 +421,17 @@ def _write_control(path: Path, value: str) -> None:
         os.close(fd)
 
 
-def _write_marker(marker_dir: Path, freezer: Freezer, pid: int, label: str) -> Path:
+def _write_marker(marker_dir: Path, freezer: Freezer, pid: int, label: str, container_id: str) -> Path:
     owner = os.getpid()
     marker = marker_dir / f"{owner}-{pid}-{secrets.token_hex(4)}{MARKER_SUFFIX}"
+    try:
+        inode = freezer.path.stat().st_ino
+    except OSError as e:
+        raise StorageError(f"{freezer.path}: cannot examine the container's cgroup ({e.strerror})") from e
     record = {
         "cgroup": str(freezer.path),
+        "cgroup_inode": inode,
+        "container_id": container_id,
         "version": freezer.version,
         "pid": pid,
         "label": label,
@@ -310,7 +448,7 @@ def _write_marker(marker_dir: Path, freezer: Freezer, pid: int, label: str) -> P
 
 def _read_marker(path: Path) -> _Marker:
     """The marker's record; ValueError when it is not one this module could have written."""
-    record = json.loads(path.read_bytes())
+    record = jsoncheck.loads(path.read_bytes())
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     cgroup = _field(record, "cgroup", str)
@@ -324,6 +462,8 @@ def _read_marker(path: Path) -> _Marker:
         owner_start=_optional_field(record, "owner_start", int),
         host=_optional_field(record, "host", str),
         boot_id=_optional_field(record, "boot_id", str),
+        container_id=_optional_field(record, "container_id", str),
+        cgroup_inode=_optional_field(record, "cgroup_inode", int),
     )
 
 
@@ -351,6 +491,29 @@ def _judge_owner(marker: _Marker) -> str:
     if marker.owner_start is not None and _start_time(marker.owner_pid) != marker.owner_start:
         return "dead"  # the number now names a newer process
     return "live"
+
+
+def _not_frozen_by(marker: _Marker) -> str | None:
+    """Why the frozen cgroup a dead commit's marker names may not be the one that commit froze, or None.
+
+    A commit writes a marker only for a container's cgroup it found thawed and is about to freeze, with the cgroup's
+    inode: the same path with another inode is a cgroup made since (the container restarted, or another one), which
+    that commit never froze. A marker without them (written by hand, or before markers recorded them, when a paused
+    container could get one too) proves nothing.
+    """
+    if marker.container_id is None or marker.cgroup_inode is None:
+        return "the marker does not record which container's cgroup was frozen (an older or hand-written marker)"
+    if not _FULL_ID.fullmatch(marker.container_id) or marker.freezer.path.name not in container_cgroup_names(
+        marker.container_id
+    ):
+        return f"the cgroup is not named after container {marker.container_id}"
+    try:
+        inode = marker.freezer.path.stat().st_ino
+    except OSError as e:
+        return f"it cannot be examined ({e.strerror})"
+    if inode != marker.cgroup_inode:
+        return "it is a newer cgroup at that path (the container restarted since), which that commit never froze"
+    return None
 
 
 def _start_time(pid: int) -> int | None:

@@ -15,6 +15,8 @@ _TRACEBACK_TAIL = re.compile(
 # luigi/rpc.py's RPCError when every attempt to reach luigid failed (not its "null response" RPCError: that luigid
 # answered, so it is luigid's problem, and keeps its traceback).
 _UNREACHABLE = re.compile(r"Errors \(\d+ attempts\) when connecting to remote scheduler '(?P<url>[^']*)'")
+# What would break an error's one line: a file name or a stored value may hold newlines and other control characters.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 
@@ -30,7 +32,7 @@ class OneLineErrors(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, PipelineError) or _is_usage_error(error):
-            return f"ERROR: {error}"
+            return f"ERROR: {one_line(str(error))}"
         unreachable = scheduler_unreachable(error)
         if unreachable:
             return f"ERROR: {unreachable}"
@@ -65,6 +67,11 @@ class OneLineStderr(logging.StreamHandler[TextIO]):
                 return False
             self._reported.append(error)
         return bool(super().filter(record))
+
+
+def one_line(message: str) -> str:
+    """message with control characters escaped (a newline as \\n), so it stays one line."""
+    return _CONTROL.sub(lambda match: match[0].encode("unicode_escape").decode("ascii"), message)
 
 
 def scheduler_unreachable(error: BaseException | None) -> str | None:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import jsoncheck
 from pipeline.atomic import make_dirs, write_bytes_atomic
 from pipeline.cache import LayerCache
 from pipeline.compression import compress_blob, default_level
@@ -113,7 +114,7 @@ class PushedBlobs:
 
     def _read(self) -> dict[str, list[str]]:
         try:
-            record = json.loads(self.path.read_bytes())
+            record = jsoncheck.loads(self.path.read_bytes())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:

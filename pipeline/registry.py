@@ -6,23 +6,28 @@ https://docs.docker.com/reference/cli/docker/login/#credential-stores.
 """
 
 import base64
+import email.utils
 import http.client
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
+import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.message import Message
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pipeline.credentials import DOCKER_HUB, ENV_PASSWORD, ENV_USERNAME, Credentials, find_credentials
 from pipeline.errors import RegistryError
@@ -47,6 +52,11 @@ _MAX_DELAY = 30.0
 # docker.io is a name, not a host: its API and its credentials live under other names.
 _DOCKER_HUB_API = "registry-1.docker.io"
 _CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^,\s]*))')
+# RFC 6750's b64token: what a bearer token may hold, so it goes into an Authorization header as it is.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# OCI image-spec descriptor digests: algorithm ":" encoded.
+_DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+_SHOWN = 120  # characters of a header value quoted in an error message
 
 T = TypeVar("T")
 
@@ -73,8 +83,12 @@ class Options:
     """How a registry is reached; the [registry] section of luigi.cfg."""
 
     insecure: bool = False  # plain HTTP, allowed only to a loopback host
-    timeout: float = 60.0  # seconds for each connect or read
-    attempts: int = 5  # tries of each request answered 429/5xx or cut off
+    # Seconds for each request as a whole: connecting, sending it and reading the whole answer (a registry that
+    # answers a byte at a time is cut off there). A blob being uploaded keeps its request alive while it moves:
+    # each 1 MiB must be taken within timeout. One operation with all its tries gets attempts x timeout in all
+    # (not counting time spent uploading).
+    timeout: float = 60.0
+    attempts: int = 5  # tries of each request answered 429/5xx, cut off or timed out
     backoff: float = 1.0  # seconds before the second try; doubles for each further one
     ca_file: str = ""  # a PEM bundle trusted besides the system's CAs
 
@@ -91,11 +105,109 @@ def is_loopback(host: str) -> bool:
 
 
 class _Transient(Exception):
-    """A failure worth another try: a 429/5xx answer or a connection cut off."""
+    """A failure worth another try: a 429/5xx answer, a connection cut off or an answer not complete in time."""
 
     def __init__(self, what: str, retry_after: float | None = None) -> None:
         super().__init__(what)
         self.retry_after = retry_after
+
+
+class _BadHeader(Exception):
+    """A header of an answer that this client cannot use; the caller names the registry and the request."""
+
+    def __init__(self, header: str, value: str, why: str) -> None:
+        super().__init__(f"its {header} header {_shown(value)} {why}")
+
+
+class _Watchdog:
+    """Shuts a request's socket down at its deadline. A socket timeout bounds each read, so an answer trickled a
+    byte at a time would never end; this bounds the request as a whole. The deadline moves only while a body is
+    being sent (arm())."""
+
+    def __init__(self, deadline: float) -> None:
+        self._deadline = deadline
+        self._condition = threading.Condition()
+        self._sockets: list[socket.socket] = []
+        self._stopped = False
+        self.expired = False
+        self._thread = threading.Thread(target=self._run, name="registry-deadline", daemon=True)
+        self._thread.start()
+
+    def arm(self, deadline: float) -> None:
+        with self._condition:
+            self._deadline = deadline
+            self._condition.notify()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._condition:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopped = True
+            self._condition.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with self._condition:
+            while not self._stopped:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    self.expired = True
+                    for sock in self._sockets:
+                        _shut(sock)
+                    return
+                self._condition.wait(left)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Wake whatever blocks on sock (a read, a write, a TLS handshake): both directions shut at the descriptor,
+    below any TLS layer, which another thread may be inside."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:  # already closed or never connected
+        pass
+
+
+class _WatchedRequest(urllib.request.Request):
+    def __init__(self, url: str, watchdog: _Watchdog, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.watchdog = watchdog
+
+
+def _watched(connection: type[http.client.HTTPConnection], watchdog: _Watchdog) -> Callable[..., Any]:
+    """A connection class whose socket the watchdog can shut, made by urllib's do_open as http_class(host, ...)."""
+
+    def make(*args: Any, **kwargs: Any) -> http.client.HTTPConnection:
+        conn = connection(*args, **kwargs)
+
+        def create(address: tuple[str, int], timeout: float, source: Any = None) -> socket.socket:
+            sock = socket.create_connection(address, timeout, source)
+            watchdog.watch(sock)
+            return sock
+
+        conn._create_connection = create  # type: ignore[attr-defined]  # what connect() opens its socket with
+        return conn
+
+    return make
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        assert isinstance(req, _WatchedRequest)
+        return self.do_open(_watched(http.client.HTTPConnection, req.watchdog), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__(context=context)
+        self._tls = context
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        assert isinstance(req, _WatchedRequest)
+        return self.do_open(_watched(http.client.HTTPSConnection, req.watchdog), req, context=self._tls)
 
 
 @dataclass(frozen=True)
@@ -137,6 +249,7 @@ class Registry:
         }
         self._tokens: dict[str, str] = {}
         self._basic = False
+        self._budget: float | None = None  # the monotonic time the current operation's tries must end by
 
     def blob_exists(self, repository: str, digest: str) -> bool:
         what = f"checking blob {digest} in {repository}"
@@ -185,7 +298,7 @@ class Registry:
             what, lambda: self._exchange("PUT", path, scope, (201,), what, headers, lambda: manifest)
         )
         digest = digest_of(manifest)
-        confirmed = response.headers.get("Docker-Content-Digest") or digest
+        confirmed = self._digest_header(response, what) or digest
         if confirmed != digest:
             raise RegistryError(
                 f"registry {self.host}: stored the manifest of {repository}:{tag} as {confirmed}, not {digest};"
@@ -200,7 +313,7 @@ class Registry:
         response = self._retrying(what, lambda: self._exchange("HEAD", path, scope, (200, 404), what, accept))
         if response.status == 404:
             return None
-        digest = response.headers.get("Docker-Content-Digest")
+        digest = self._digest_header(response, what)
         if digest:
             return digest
         # Docker-Content-Digest is optional: hash the manifest itself.
@@ -225,7 +338,7 @@ class Registry:
         response = None
         for fresh in (False, True):
             auth = self._authorization(scope) if ours else {}
-            response = self._send(method, url, {**(headers or {}), **auth}, body)
+            response = self._send(method, url, {**(headers or {}), **auth}, body, what)
             if response.status != 401 or fresh or not ours:
                 break
             self._authorize(response.headers.get("WWW-Authenticate", ""), scope, what)
@@ -234,40 +347,112 @@ class Registry:
             raise self._refused(response, what)
         return response
 
-    def _send(self, method: str, url: str, headers: Mapping[str, str], body: Body | None) -> _Response:
-        request = urllib.request.Request(url, data=body() if body else None, headers=dict(headers), method=method)
-        opener = self._openers[is_loopback(urllib.parse.urlsplit(url).netloc)]
+    def _send(self, method: str, url: str, headers: Mapping[str, str], body: Body | None, what: str) -> _Response:
+        """One request and its whole answer, within [registry] timeout (and the operation's budget)."""
+        timeout = self.options.timeout
+        data = body() if body else None
+        start = time.monotonic()
+        deadline = min(start + timeout, self._budget if self._budget is not None else math.inf)
+        watchdog = _Watchdog(deadline)
         try:
-            with opener.open(request, timeout=self.options.timeout) as raw:
+            if data is not None and not isinstance(data, bytes):
+                data = self._moving(data, watchdog)
+            request = _WatchedRequest(url, watchdog, data=data, headers=dict(headers), method=method)
+            opener = self._openers[is_loopback(urllib.parse.urlsplit(url).netloc)]
+            with opener.open(request, timeout=max(deadline - start, 0.001)) as raw:
+                _check_length(raw.headers, method)
                 response = _Response(raw.status, raw.reason, raw.headers, raw.read(_MAX_DOCUMENT + 1))
-        except urllib.error.URLError as e:  # while connecting or sending
-            raise self._unreachable(e.reason) from e
-        except (http.client.HTTPException, OSError) as e:  # while reading the answer
-            raise self._unreachable(e) from e
+        except _BadHeader as e:
+            raise RegistryError(
+                f"registry {self.host}: {what}: {e}; check the registry (or a proxy in front of it)"
+            ) from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            if watchdog.expired:
+                raise _Transient(f"no complete answer within {timeout:g} s") from e
+            raise self._unreachable(e.reason if isinstance(e, urllib.error.URLError) else e) from e
+        except ValueError as e:  # a header value http.client refuses to send (e.g. one a registry handed us)
+            raise RegistryError(
+                f"registry {self.host}: {what}: cannot send the request ({e}); check the registry"
+            ) from None
+        finally:
+            watchdog.stop()
+        if watchdog.expired:  # the answer was cut short at the deadline (read until the connection closed)
+            raise _Transient(f"no complete answer within {timeout:g} s")
+        if len(response.body) > _MAX_DOCUMENT:
+            raise RegistryError(
+                f"registry {self.host}: {what}: the answer is larger than {_MAX_DOCUMENT} bytes; check the registry"
+            )
         if response.status in _TRANSIENT_STATUSES:
-            raise _Transient(f"{response.status} {response.reason}{_error_codes(response)}", _retry_after(response))
+            retry_after, note = _retry_after(response)
+            raise _Transient(
+                f"{response.status} {_printable(response.reason)}{_error_codes(response)}{note}", retry_after
+            )
         return response
 
+    def _moving(self, chunks: Iterable[bytes], watchdog: _Watchdog) -> Iterator[bytes]:
+        """chunks, each given [registry] timeout to be sent: an upload lasts as long as it moves. Time spent
+        sending does not count against the operation's budget."""
+        last = time.monotonic()
+        for chunk in chunks:
+            now = time.monotonic()
+            if self._budget is not None:
+                self._budget += now - last
+            watchdog.arm(now + self.options.timeout)
+            last = now
+            yield chunk
+
     def _retrying(self, what: str, operation: Callable[[], T]) -> T:
-        """operation, tried again after 429/5xx answers and cut connections, with exponential backoff (bounded)."""
+        """operation, tried again after 429/5xx answers, cut connections and timeouts, with exponential backoff;
+        attempts tries at most, and all of them within attempts x timeout (a nested operation, such as fetching
+        a token, within what is left of its caller's)."""
         attempts = max(1, self.options.attempts)
-        attempt = 1
-        while True:
-            try:
-                return operation()
-            except _Transient as e:
-                if attempt >= attempts:
-                    raise RegistryError(
-                        f"registry {self.host}: {what} failed {attempts} times, last: {e}; check that the registry"
-                        " is up and reachable, then re-run"
-                    ) from e
-                delay = e.retry_after if e.retry_after is not None else self.options.backoff * 2 ** (attempt - 1)
-                delay = min(delay, _MAX_DELAY) * random.uniform(0.8, 1.0)  # jitter: many hosts must not retry in step
-                log.warning(
-                    "registry %s: %s: %s; try %d of %d in %.1f s", self.host, what, e, attempt + 1, attempts, delay
-                )
-                time.sleep(delay)
-                attempt += 1
+        start = time.monotonic()
+        outer = self._budget
+        own = start + attempts * self.options.timeout
+        self._budget = own if outer is None else min(own, outer)
+        try:
+            attempt = 1
+            while True:
+                try:
+                    return operation()
+                except _Transient as e:
+                    if attempt >= attempts:
+                        raise RegistryError(
+                            f"registry {self.host}: {what} failed {attempts} times, last: {e}; check that the registry"
+                            " is up and reachable (or raise [registry] timeout or attempts), then re-run"
+                        ) from e
+                    waited = e.retry_after if e.retry_after is not None else self.options.backoff * 2 ** (attempt - 1)
+                    delay = min(waited, _MAX_DELAY) * random.uniform(0.8, 1.0)  # jitter: hosts must not retry in step
+                    left = self._budget - time.monotonic()
+                    if delay >= left and e.retry_after is not None:
+                        raise RegistryError(
+                            f"registry {self.host}: {what}: {e}; its Retry-After header asks to wait {waited:g} s,"
+                            f" more than the {max(left, 0):.0f} s left of [registry] attempts x timeout; re-run"
+                            " later, or raise [registry] timeout or attempts"
+                        ) from e
+                    if delay >= left:
+                        raise RegistryError(
+                            f"registry {self.host}: {what} failed {attempt} time(s) in"
+                            f" {time.monotonic() - start:.1f} s, all the time [registry] attempts x timeout allows,"
+                            f" last: {e}; check that the registry is up and reachable (or raise [registry]"
+                            " timeout), then re-run"
+                        ) from e
+                    log.warning(
+                        "registry %s: %s: %s; try %d of %d in %.1f s", self.host, what, e, attempt + 1, attempts, delay
+                    )
+                    time.sleep(delay)
+                    attempt += 1
+        finally:
+            self._budget = outer
+
+    def _digest_header(self, response: _Response, what: str) -> str | None:
+        value = response.headers.get("Docker-Content-Digest")
+        if value is None or _DIGEST.fullmatch(value.strip()):
+            return value.strip() if value else None
+        raise RegistryError(
+            f"registry {self.host}: {what}: its Docker-Content-Digest header {_shown(value)} is not a digest;"
+            " check the registry"
+        )
 
     # --- authorization -----------------------------------------------------------------------------------------
 
@@ -279,24 +464,29 @@ class Registry:
         return {}
 
     def _authorize(self, challenge: str, scope: str, what: str) -> None:
-        scheme, _, rest = challenge.strip().partition(" ")
-        params = {m[1].lower(): m[2] or m[3] for m in _CHALLENGE_PARAM.finditer(rest)}
-        if scheme.lower() == "basic":
+        try:
+            scheme, params = parse_challenge(challenge)
+        except _BadHeader as e:
+            raise RegistryError(f"registry {self.host}: {what}: {e}; check the registry") from None
+        if scheme == "basic":
             if self.credentials is None:
                 raise self._needs_credentials(what)
             self._basic = True
-        elif scheme.lower() == "bearer" and params.get("realm"):
-            self._tokens[scope] = self._fetch_token(params, scope, what)
         else:
-            raise RegistryError(f"registry {self.host}: {what}: unsupported authentication challenge {challenge!r}")
+            self._tokens[scope] = self._fetch_token(params, scope, what)
 
     def _fetch_token(self, params: Mapping[str, str], scope: str, what: str) -> str:
         query = [("service", params["service"])] if params.get("service") else []
         query += [("scope", s) for s in scope.split()]
         realm = params["realm"]
-        url = self._checked_url(realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query), what)
+        url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
+        if urllib.parse.urlsplit(url).scheme != "https" and not (self.options.insecure and is_loopback(_netloc(url))):
+            raise RegistryError(
+                f"registry {self.host}: {what}: its WWW-Authenticate header names the token service {_shown(realm)};"
+                " only https is used, or http to a loopback host with [registry] insecure = true"
+            )
         headers = {"Authorization": _basic(self.credentials)} if self.credentials else {}
-        response = self._retrying(what, lambda: self._send("GET", url, headers, None))
+        response = self._retrying(what, lambda: self._send("GET", url, headers, None, what))
         if response.status == 401 and self.credentials is None:
             raise self._needs_credentials(what)
         if response.status != 200:
@@ -307,13 +497,18 @@ class Registry:
         except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str) or not token:
-            raise RegistryError(f"registry {self.host}: {what}: the token service {realm} answered no token")
+            raise RegistryError(f"registry {self.host}: {what}: the token service {_shown(realm)} answered no token")
+        if not _BEARER_TOKEN.fullmatch(token):
+            raise RegistryError(
+                f"registry {self.host}: {what}: the token service {_shown(realm)} answered a token that is not a"
+                " bearer token (RFC 6750 characters only); check the token service"
+            )
         return token
 
     # --- messages ----------------------------------------------------------------------------------------------
 
     def _refused(self, response: _Response, what: str) -> RegistryError:
-        status = f"{response.status} {response.reason}{_error_codes(response)}"
+        status = f"{response.status} {_printable(response.reason)}{_error_codes(response)}"
         if response.status == 401 and self.credentials:
             return RegistryError(
                 f"registry {self.host}: {what}: user {self.credentials.username!r} (from"
@@ -347,7 +542,10 @@ class Registry:
         location = response.headers.get("Location")
         if not location:
             raise RegistryError(f"registry {self.host}: {what}: the answer {response.status} has no Location")
-        return urllib.parse.urljoin(self.base_url, location)
+        try:
+            return resolve_location(self.base_url, location)
+        except _BadHeader as e:
+            raise RegistryError(f"registry {self.host}: {what}: {e}; check the registry") from None
 
     def _checked_url(self, url: str, what: str) -> str:
         """Refuse plain HTTP except to a loopback host with [registry] insecure: credentials travel with it."""
@@ -386,19 +584,112 @@ def _error_codes(response: _Response) -> str:
     try:
         errors = json.loads(response.body).get("errors") or []
         text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError):
         return ""
-    return f" ({' '.join(text.split())})" if text else ""  # one line, whatever the registry sent
+    return f" ({_printable(text)})" if text else ""  # one line, whatever the registry sent
 
 
-def _retry_after(response: _Response) -> float | None:
-    value = response.headers.get("Retry-After", "")
-    return float(value) if value.isdigit() else None
+def _retry_after(response: _Response) -> tuple[float | None, str]:
+    """Seconds the registry asked to wait (Retry-After: seconds or an HTTP date), and a note when the header
+    says neither (it is then ignored, and the usual backoff applies)."""
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None, ""
+    try:
+        return parse_retry_after(value), ""
+    except _BadHeader as e:
+        return None, f"; {e}, ignored"
+
+
+def parse_retry_after(value: str, now: datetime | None = None) -> float:
+    """Retry-After (RFC 9110 10.2.3) in seconds from now: delay-seconds or an HTTP date; _BadHeader otherwise."""
+    text = value.strip()
+    if re.fullmatch(r"[0-9]+", text, re.ASCII):
+        return float(text)  # huge ones become inf: capped, or beyond the budget
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        raise _BadHeader("Retry-After", value, "is neither a number of seconds nor an HTTP date") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def parse_challenge(challenge: str) -> tuple[str, dict[str, str]]:
+    """The scheme ("basic" or "bearer") and parameters of a WWW-Authenticate challenge (RFC 9110 11.6.1);
+    _BadHeader for anything this client cannot answer: another scheme, a bearer challenge without a usable realm."""
+    scheme, _, rest = challenge.strip().partition(" ")
+    params = {m[1].lower(): m[2] or m[3] for m in _CHALLENGE_PARAM.finditer(rest)}
+    if scheme.lower() == "basic":
+        return "basic", params
+    if scheme.lower() != "bearer":
+        raise _BadHeader("WWW-Authenticate", challenge, "is not a challenge this client answers (Basic or Bearer)")
+    realm = params.get("realm", "")
+    try:
+        parts = urllib.parse.urlsplit(realm)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not _plain_url(realm):
+        raise _BadHeader("WWW-Authenticate", challenge, 'names no usable token service (realm="https://...")')
+    return "bearer", params
+
+
+def resolve_location(base_url: str, location: str) -> str:
+    """The URL a Location header names, resolved against the registry's; _BadHeader unless it is an http(s) URL
+    on the registry itself (an upload sent elsewhere would leave the registry, and a blob with it)."""
+    try:
+        url = urllib.parse.urljoin(base_url, location.strip())
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise _BadHeader("Location", location, "is not a URL") from None
+    if not _plain_url(url) or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _BadHeader("Location", location, "is not an http(s) URL")
+    base = urllib.parse.urlsplit(base_url)
+    if (parts.scheme, parts.netloc.lower()) != (base.scheme, base.netloc.lower()):
+        raise _BadHeader("Location", location, f"points away from the registry ({parts.scheme}://{parts.netloc})")
+    return url
+
+
+def _check_length(headers: Message, method: str) -> None:
+    """Refuse an answer whose Content-Length is not a byte count, or (unless to a HEAD, which only describes
+    a blob) announces more than an answer may hold."""
+    values = headers.get_all("Content-Length") or []
+    for value in values:
+        if not re.fullmatch(r"[0-9]{1,19}", value.strip(), re.ASCII):
+            raise _BadHeader("Content-Length", value, "is not a number of bytes")
+    if len({int(v) for v in values}) > 1:
+        raise _BadHeader("Content-Length", ", ".join(values), "gives different lengths")
+    if values and method != "HEAD" and int(values[0]) > _MAX_DOCUMENT:
+        raise _BadHeader(
+            "Content-Length", values[0], f"announces more than the {_MAX_DOCUMENT} bytes an answer may hold"
+        )
+
+
+def _plain_url(text: str) -> bool:
+    """Printable ASCII without spaces: what goes into a request line or header unchanged."""
+    return all(33 <= ord(c) < 127 for c in text)
+
+
+def _netloc(url: str) -> str:
+    return urllib.parse.urlsplit(url).netloc
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """text as one line of printable characters (a registry's words go into our one-line errors), shortened."""
+    clean = "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))
+    return clean if len(clean) <= limit else clean[:limit] + "..."
+
+
+def _shown(value: str) -> str:
+    """A header value quoted in an error message: escaped, and shortened when long."""
+    return repr(value) if len(value) <= _SHOWN else repr(value[:_SHOWN]) + "..."
 
 
 def _opener(proxy: urllib.request.ProxyHandler, context: ssl.SSLContext) -> urllib.request.OpenerDirector:
     opener = urllib.request.OpenerDirector()
-    for handler in (proxy, urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(context=context)):
+    for handler in (proxy, _HTTPHandler(), _HTTPSHandler(context)):
         opener.add_handler(handler)
     return opener
 

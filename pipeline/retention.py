@@ -1,17 +1,36 @@
 """Retention: keep each container's newest N snapshots, delete older archives and the cache entries no kept
-snapshot needs; a plan is computed first so a dry run shows exactly what would go."""
+snapshot needs; a plan is computed first so a dry run shows exactly what would go.
 
-import json
+What may still be in use is never deleted: an archive a kept snapshot points at; cache blobs while any other
+process uses the cache (LayerCache.collecting: commits, pushes and snapshot runs hold it shared for as long as
+they run, so retention then leaves the cache alone and a later run collects it); and anything younger than the
+grace period, which a run in flight may be about to name in a record (a blob just packed, an archive just written).
+Besides pruned snapshots it collects what killed runs left: archives no record names, and cache entries (layer
+records, commit directories, compressed-blob mappings) whose blobs are gone.
+"""
+
 import logging
+import os
+import shutil
+import stat
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from pipeline.atomic import is_partial, make_dirs
-from pipeline.catalog import SnapshotRecord, pruned_path, read_records, record_path
+from pipeline import jsoncheck
+from pipeline.atomic import is_partial, make_dirs, partial_path, remove_abandoned_partials
+from pipeline.cache import LayerCache
+from pipeline.catalog import SnapshotRecord, catalog_dir, pruned_path, read_records, record_path
+from pipeline.snapshot import STAMP_FORMAT
 
 log = logging.getLogger(__name__)
+
+# A pruned snapshot's marker (catalog.pruned_path) tells a run of that stamp still in flight, or re-run later in its
+# period, that the snapshot is done. Once its stamp is this much older than its container's newest kept snapshot,
+# no such run is plausible and the marker goes.
+MARKER_AGE = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -20,60 +39,181 @@ class RetentionPlan:
 
     kept: tuple[SnapshotRecord, ...]
     pruned: tuple[SnapshotRecord, ...]
-    paths: tuple[Path, ...]  # records, archives, cache blobs and cache records to delete
+    paths: tuple[Path, ...]  # records, archives (files or layout directories), markers, cache entries, in that order
     freed_bytes: int
     markers: tuple[Path, ...] = ()  # catalog.pruned_path of each pruned snapshot, written before it goes
+    cache_in_use: bool = False  # another process used the cache: no blob or cache entry is in paths
 
 
-def plan_retention(output_dir: Path, cache_dir: Path, keep: int, *, grace_seconds: float) -> RetentionPlan:
-    """Keep the newest `keep` snapshots of every container; cache entries younger than grace_seconds stay,
-    since a commit running right now may have packed them without any record naming them yet."""
+def plan_retention(
+    output_dir: Path, cache_dir: Path, keep: int, *, grace_seconds: float, collect_cache: bool = True
+) -> RetentionPlan:
+    """Keep the newest `keep` snapshots of every container; archives and cache blobs younger than grace_seconds
+    stay, since a run in flight may have written them without any record naming them yet. collect_cache=False
+    leaves the cache alone (another process uses it)."""
     by_container: dict[str, list[SnapshotRecord]] = defaultdict(list)
-    for record in read_records(output_dir):
+    records = read_records(output_dir)
+    for record in records:
         by_container[record.container_id].append(record)
     kept: list[SnapshotRecord] = []
     pruned: list[SnapshotRecord] = []
-    for records in by_container.values():
-        kept += records[-keep:] if keep > 0 else records
-        pruned += records[:-keep] if keep > 0 else []
-    needed_archives = {Path(r.archive) for r in kept}
-    needed_blobs = {d.removeprefix("sha256:") for r in kept for d in r.diff_ids}
+    for group in by_container.values():
+        kept += group[-keep:] if keep > 0 else group
+        pruned += group[:-keep] if keep > 0 else []
+    cutoff = time.time() - grace_seconds
+    needed_archives = {_real(r.archive) for r in kept}
 
     doomed: list[Path] = [record_path(output_dir, r.container_id, r.stamp) for r in pruned]
-    doomed += sorted({Path(r.archive) for r in pruned} - needed_archives)
+    doomed += sorted({Path(r.archive) for r in pruned if _real(r.archive) not in needed_archives})
+    named = {_real(r.archive) for r in records}
+    doomed += _orphan_archives(output_dir, named, cutoff)
+    newest = {cid: group[-1].stamp for cid, group in by_container.items() if group}
+    markers = tuple(
+        pruned_path(output_dir, r.container_id, r.stamp)
+        for r in pruned
+        if not _stale(r.stamp, newest.get(r.container_id))
+    )
+    doomed += _stale_markers(output_dir, newest)
+    if collect_cache:
+        doomed += _cache_garbage(cache_dir, kept, cutoff)
+    existing = [p for p in dict.fromkeys(doomed) if os.path.lexists(p)]
+    return RetentionPlan(tuple(kept), tuple(pruned), tuple(existing), _freed(existing), markers, not collect_cache)
+
+
+def run_retention(
+    output_dir: Path, cache_dir: Path, keep: int, *, grace_seconds: float, dry_run: bool = False
+) -> RetentionPlan:
+    """Plan and (unless dry_run) apply retention; the cache is collected only while no other process uses it."""
+    if dry_run:
+        return plan_retention(output_dir, cache_dir, keep, grace_seconds=grace_seconds)
+    with LayerCache(cache_dir).collecting() as alone:
+        if not alone:
+            log.info(
+                "retention: the cache %s is in use by another process (a commit, push or snapshot run); its blobs"
+                " are left for a later run to collect",
+                cache_dir,
+            )
+        plan = plan_retention(output_dir, cache_dir, keep, grace_seconds=grace_seconds, collect_cache=alone)
+        apply_retention(plan)
+        if alone:
+            remove_abandoned_partials(cache_dir / "commits")
+    return plan
+
+
+def _real(path: str | Path) -> str:
+    return os.path.realpath(path)
+
+
+def _parse_stamp(stamp: str) -> datetime | None:
+    try:
+        return datetime.strptime(stamp, STAMP_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def _stale(stamp: str, newest: str | None) -> bool:
+    """Whether a pruned marker for stamp is no longer worth keeping, newest being its container's newest record."""
+    when = _parse_stamp(stamp)
+    reference = _parse_stamp(newest) if newest else datetime.now(UTC)
+    return when is not None and reference is not None and when < reference - MARKER_AGE
+
+
+def _stale_markers(output_dir: Path, newest: dict[str, str]) -> list[Path]:
+    found = []
+    for directory in sorted((catalog_dir(output_dir) / "pruned").glob("*")):
+        for marker in sorted(directory.glob("*")) if directory.is_dir() else []:
+            if _stale(marker.name, newest.get(directory.name)):
+                found.append(marker)
+    return found
+
+
+def _orphan_archives(output_dir: Path, named: set[str], cutoff: float) -> list[Path]:
+    """Snapshot archives (<stamp>.tar files, <stamp> layout directories) under <output_dir>/snapshots that no
+    record names and that are older than cutoff: what a run killed between an archive and its record left."""
+    orphans = []
+    for directory in sorted((output_dir / "snapshots").glob("*")):
+        for entry in sorted(directory.iterdir()) if directory.is_dir() and not directory.is_symlink() else []:
+            try:
+                st = entry.lstat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode) and entry.suffix == ".tar":
+                stamp = entry.name.removesuffix(".tar")
+            elif stat.S_ISDIR(st.st_mode):
+                stamp = entry.name
+            else:
+                continue
+            if _parse_stamp(stamp) is None or _real(entry) in named or st.st_mtime >= cutoff:
+                continue
+            orphans.append(entry)
+    return orphans
+
+
+def _cache_garbage(cache_dir: Path, kept: list[SnapshotRecord], cutoff: float) -> list[Path]:
+    """Blobs no kept snapshot needs (older than cutoff), then the cache entries that name a blob that is gone or
+    going: layer records, commit directories, compressed-blob mappings. Entries are listed before blobs, so a
+    run killed halfway leaves blobs nothing names (collected next time), never an entry naming a missing blob."""
+    needed = {d.removeprefix("sha256:") for r in kept for d in r.diff_ids}
     # A kept layer's gzip/zstd forms are kept too: their mappings (compressed/*.json) name diff_id and digest.
     mappings = _read_mappings(cache_dir)
-    needed_blobs |= {digest for diff_id, digest in mappings.values() if diff_id in needed_blobs}
-    cutoff = time.time() - grace_seconds
+    needed |= {digest for diff_id, digest in mappings.values() if diff_id in needed}
     blob_dir = cache_dir / "blobs" / "sha256"
-    doomed_blobs = {
-        blob.name
-        for blob in (sorted(blob_dir.iterdir()) if blob_dir.is_dir() else [])
-        if not is_partial(blob) and blob.name not in needed_blobs and blob.stat().st_mtime < cutoff
-    }
-    doomed += [blob_dir / name for name in sorted(doomed_blobs)]
-    # Records in the cache whose blob goes would otherwise claim a layer that is no longer there.
+    present: set[str] = set()
+    doomed_blobs: list[Path] = []
+    for blob in sorted(blob_dir.iterdir()) if blob_dir.is_dir() else []:
+        if is_partial(blob):
+            continue
+        try:
+            mtime = blob.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        if blob.name not in needed and mtime < cutoff:
+            doomed_blobs.append(blob)
+        else:
+            present.add(blob.name)
+
+    entries: list[Path] = []
     for record_file in sorted(cache_dir.glob("layers/*.json")) + sorted(cache_dir.glob("commits/*/layer.json")):
         try:
-            diff_id = json.loads(record_file.read_bytes())["diff_id"]
-        except (OSError, ValueError, KeyError):
+            diff_id = jsoncheck.loads(record_file.read_bytes())["diff_id"]
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        if diff_id.removeprefix("sha256:") in doomed_blobs:
-            doomed.append(record_file)
-    doomed += [path for path, (_, digest) in sorted(mappings.items()) if digest in doomed_blobs]
-    existing = [p for p in doomed if p.exists()]
-    markers = tuple(pruned_path(output_dir, r.container_id, r.stamp) for r in pruned)
-    return RetentionPlan(tuple(kept), tuple(pruned), tuple(existing), _sizes(existing), markers)
-
-
-def _sizes(paths: list[Path]) -> int:
-    total = 0
-    for path in paths:
+        if isinstance(diff_id, str) and diff_id.removeprefix("sha256:") not in present:
+            entries.append(record_file)
+    for commit in sorted(cache_dir.glob("commits/*")):
+        if is_partial(commit) or not commit.is_dir():
+            continue
         try:
-            total += path.stat().st_size
-        except FileNotFoundError:  # removed by an overlapping run since it was listed
+            diff_ids = jsoncheck.loads((commit / "config.json").read_bytes())["rootfs"]["diff_ids"]
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-    return total
+        if isinstance(diff_ids, list) and any(str(d).removeprefix("sha256:") not in present for d in diff_ids):
+            entries.append(commit)
+    entries += [path for path, (_, digest) in sorted(mappings.items()) if digest not in present]
+    return entries + doomed_blobs
+
+
+def _freed(paths: list[Path]) -> int:
+    """Bytes deleting paths frees: each file (inside directories too) counted once, and only when every one of
+    its hardlinks goes (an OCI layout's layer blobs are links into the cache)."""
+    links: dict[tuple[int, int], int] = defaultdict(int)
+    sizes: dict[tuple[int, int], tuple[int, int]] = {}
+    for path in paths:
+        for file in _files(path):
+            try:
+                st = file.lstat()
+            except FileNotFoundError:  # removed by an overlapping run since it was listed
+                continue
+            key = (st.st_dev, st.st_ino)
+            links[key] += 1
+            sizes[key] = (st.st_size, st.st_nlink)
+    return sum(size for key, (size, nlink) in sizes.items() if links[key] >= nlink)
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir() and not path.is_symlink():
+        return [p for p in path.rglob("*") if not p.is_dir() or p.is_symlink()]
+    return [path]
 
 
 def _read_mappings(cache_dir: Path) -> dict[Path, tuple[str, str]]:
@@ -81,9 +221,9 @@ def _read_mappings(cache_dir: Path) -> dict[Path, tuple[str, str]]:
     mappings = {}
     for path in sorted(cache_dir.glob("compressed/*.json")):
         try:
-            doc = json.loads(path.read_bytes())
+            doc = jsoncheck.loads(path.read_bytes())
             mappings[path] = (doc["diff_id"].removeprefix("sha256:"), doc["digest"].removeprefix("sha256:"))
-        except (OSError, ValueError, KeyError, AttributeError):
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
             continue
     return mappings
 
@@ -92,14 +232,39 @@ def apply_retention(plan: RetentionPlan) -> None:
     for marker in plan.markers:
         make_dirs(marker.parent)
         marker.touch()
+    failed = 0
     for path in plan.paths:
-        path.unlink(missing_ok=True)
+        try:
+            _delete(path)
+        except OSError as e:
+            failed += 1
+            log.warning("retention: cannot delete %s (%s); a later run tries again", path, e.strerror or e)
     log.info(
-        "retention: removed %d file(s), %d bytes; kept %d snapshot(s)",
-        len(plan.paths),
+        "retention: removed %d path(s), %d bytes; kept %d snapshot(s)%s",
+        len(plan.paths) - failed,
         plan.freed_bytes,
         len(plan.kept),
+        "; the cache was in use, so no blob was collected" if plan.cache_in_use else "",
     )
+
+
+def _delete(path: Path) -> None:
+    """Remove a file, or a directory (an OCI layout, a commit's cache directory): first renamed to a temporary
+    name in one step, so it is never seen half-deleted under its own name; a kill meanwhile leaves only that
+    temporary name, which atomic.remove_abandoned_partials clears."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        path.unlink(missing_ok=True)
+        return
+    aside = partial_path(path)
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # removed by an overlapping run since it was listed
+        return
+    shutil.rmtree(aside)
 
 
 def describe(plan: RetentionPlan) -> str:

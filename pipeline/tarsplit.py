@@ -22,7 +22,7 @@ from typing import BinaryIO
 from fastcrc import crc64
 
 from pipeline.errors import LayerError
-from pipeline.layer import HashingSink, LayerRecord
+from pipeline.layer import MAX_DIR_FDS, HashingSink, LayerRecord
 
 # entry.go: a File entry's content is read from layer_dir; a Segment carries raw tar bytes (headers, padding, end).
 _FILE = 1
@@ -182,7 +182,9 @@ class _LayerFiles:
     """Opens regular files below layer_dir by relative tar name, never following a symlink or leaving layer_dir.
 
     Each path is walked one component at a time with O_NOFOLLOW from directory fds, as openat2's RESOLVE_BENEATH
-    would; the fds of the last file's parent directories are kept because tar members come grouped by directory.
+    would; the fds of the last file's parent directories are kept because tar members come grouped by directory,
+    but only the deepest MAX_DIR_FDS of them: a path however deep needs no more fds, and one that goes on from a
+    closed ancestor is walked again from the root, as the first time (at most one open per component of its name).
     """
 
     def __init__(self, layer_dir: Path) -> None:
@@ -190,7 +192,8 @@ class _LayerFiles:
             self._root = os.open(layer_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
             raise LayerError(f"{layer_dir}: cannot open layer directory ({e.strerror})") from e
-        self._open_dirs: list[tuple[bytes, int]] = []
+        # The last file's parent directories, root first; only the deepest MAX_DIR_FDS hold an fd (None: closed).
+        self._open_dirs: list[tuple[bytes, int | None]] = []
 
     def __enter__(self) -> "_LayerFiles":
         return self
@@ -202,7 +205,7 @@ class _LayerFiles:
     def open_regular(self, name: bytes) -> int:
         parts = _split_name(name)
         self._enter_dirs(parts[:-1])
-        parent = self._open_dirs[-1][1] if self._open_dirs else self._root
+        parent = self._parent()
         try:
             st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
         except OSError as e:
@@ -229,8 +232,11 @@ class _LayerFiles:
         while keep < min(len(dirs), len(self._open_dirs)) and self._open_dirs[keep][0] == dirs[keep]:
             keep += 1
         self._close_dirs(keep)
+        if self._open_dirs and self._open_dirs[-1][1] is None:  # closed to bound the fds: walk from the root again
+            self._close_dirs(0)
+            keep = 0
         for part in dirs[keep:]:
-            parent = self._open_dirs[-1][1] if self._open_dirs else self._root
+            parent = self._parent()
             try:
                 fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
             except OSError as e:
@@ -239,10 +245,22 @@ class _LayerFiles:
                     raise _Refused("has a symlink in its path") from e
                 raise _refusal(e) from e
             self._open_dirs.append((part, fd))
+            if len(self._open_dirs) > MAX_DIR_FDS:  # the open ones are the deepest: close the shallowest of them
+                name, shallowest = self._open_dirs[-MAX_DIR_FDS - 1]
+                if shallowest is not None:
+                    os.close(shallowest)
+                    self._open_dirs[-MAX_DIR_FDS - 1] = (name, None)
+
+    def _parent(self) -> int:
+        """The fd of the deepest directory entered (the root's when none)."""
+        fd = self._open_dirs[-1][1] if self._open_dirs else self._root
+        assert fd is not None
+        return fd
 
     def _close_dirs(self, keep: int) -> None:
         for _, fd in self._open_dirs[keep:]:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         del self._open_dirs[keep:]
 
 

@@ -15,34 +15,47 @@ WHITEOUT_PREFIX = b".wh."
 # A directory whose lower content is hidden gets a child entry with this name.
 OPAQUE_MARKER = b".wh..wh..opq"
 
-# overlayfs keeps its metadata in the trusted.* namespace, or user.* when mounted with "userxattr" (user namespaces).
-OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
-_OPAQUE = tuple(p + "opaque" for p in OVERLAY_XATTR_PREFIXES)
-# Kernel 6.7+ may write a whiteout as a zero-size file carrying this xattr instead of a 0/0 device.
-_XATTR_WHITEOUT = tuple(p + "whiteout" for p in OVERLAY_XATTR_PREFIXES)
-# With redirect_dir/metacopy the upper entry's data lives elsewhere: diff/ alone does not hold the truth.
-_UNSUPPORTED = tuple(p + n for p in OVERLAY_XATTR_PREFIXES for n in ("redirect", "metacopy"))
+# overlayfs keeps its markers in trusted.overlay.*, or in user.overlay.* when mounted with "userxattr" (kernel
+# Documentation/filesystems/overlayfs.rst, "userxattr"), as rootless engines mount it. A mount reads only its own
+# namespace: in the other, any process owning a file may set overlay-looking xattrs through the merged view and the
+# kernel ignores them. So markers are read from the one namespace a layer was written with (its overlay_xattrs:
+# container.Layer), never from both; None means a merged view, whose markers the kernel has applied and hidden.
+OVERLAY_XATTRS = ("trusted", "user")
+OVERLAY_XATTR_PREFIXES = tuple(f"{namespace}.overlay." for namespace in OVERLAY_XATTRS)
 
 
-def is_whiteout(mode: int, rdev: int, xattrs: dict[str, bytes]) -> bool:
+def _marker(overlay_xattrs: str | None, name: str) -> str | None:
+    """The xattr that is the overlay marker `name` in a layer whose markers live in overlay_xattrs."""
+    if overlay_xattrs is None:
+        return None
+    if overlay_xattrs not in OVERLAY_XATTRS:
+        raise ValueError(f"overlay_xattrs {overlay_xattrs!r} is not one of {OVERLAY_XATTRS}")
+    return f"{overlay_xattrs}.overlay.{name}"
+
+
+def is_whiteout(mode: int, rdev: int, xattrs: dict[str, bytes], overlay_xattrs: str | None) -> bool:
     """Whether an entry of a layer_dir records the deletion of a lower entry."""
     if stat.S_ISCHR(mode) and rdev == 0:
         return True
-    return stat.S_ISREG(mode) and any(name in xattrs for name in _XATTR_WHITEOUT)
+    # Kernel 6.7+ may write a whiteout as a zero-size file carrying overlay.whiteout instead of a 0/0 device.
+    marker = _marker(overlay_xattrs, "whiteout")
+    return stat.S_ISREG(mode) and marker is not None and marker in xattrs
 
 
-def is_opaque(xattrs: dict[str, bytes]) -> bool:
+def is_opaque(xattrs: dict[str, bytes], overlay_xattrs: str | None) -> bool:
     """Whether a directory hides everything its lower layers hold under the same path.
 
     The value "x" (kernel 6.7+) only says the directory may contain xattr whiteouts; it is not opaque.
     """
-    return any(xattrs.get(name) == b"y" for name in _OPAQUE)
+    marker = _marker(overlay_xattrs, "opaque")
+    return marker is not None and xattrs.get(marker) == b"y"
 
 
-def check_supported(path: bytes, xattrs: dict[str, bytes]) -> None:
+def check_supported(path: bytes, xattrs: dict[str, bytes], overlay_xattrs: str | None) -> None:
     """Refuse entries whose content is defined by overlay features a plain walk of diff/ cannot reproduce."""
-    for name in _UNSUPPORTED:
-        if name in xattrs:
+    # With redirect_dir/metacopy the upper entry's data lives elsewhere: diff/ alone does not hold the truth.
+    for name in (_marker(overlay_xattrs, "redirect"), _marker(overlay_xattrs, "metacopy")):
+        if name is not None and name in xattrs:
             raise LayerError(
                 f"{path.decode(errors='replace')}: has {name}; the layer was written with overlay redirect_dir or"
                 " metacopy on, so diff/ alone does not hold its content. Remount without redirect_dir/metacopy"
@@ -65,7 +78,13 @@ def whiteout_name(name: bytes) -> bytes:
 
 
 def kept_xattrs(xattrs: dict[str, bytes]) -> dict[str, bytes]:
-    """The xattrs an image carries: file capabilities and user.* (overlay's own metadata never leaves the host)."""
+    """The xattrs an image carries: file capabilities and user.* (overlay's own metadata never leaves the host).
+
+    user.overlay.* is left out even where it is no marker (a layer with trusted.overlay.* markers): a rootless
+    engine that unpacks the image sets every xattr of a layer tar on its layer_dirs, mounted with "userxattr", where
+    they would become markers and hide lower files again (containers/storage pkg/archive/archive.go applies all but
+    security.selinux, and its own tar writer, readUserXattrToTarHeader, skips user.overlay.* for that reason).
+    """
     return {
         name: value
         for name, value in xattrs.items()
@@ -76,15 +95,18 @@ def kept_xattrs(xattrs: dict[str, bytes]) -> dict[str, bytes]:
 _CAP_SYS_ADMIN = 21  # include/uapi/linux/capability.h
 
 
-def check_markers_visible(layer_dir: Path) -> None:
+def check_markers_visible(layer_dir: Path, overlay_xattrs: str | None) -> None:
     """Refuse to pack when trusted.overlay.* xattrs would be invisible, since opaque directories would be lost.
 
     The kernel hides the trusted.* namespace from processes without CAP_SYS_ADMIN: listxattr simply omits it,
-    so without this check a commit would succeed and deleted lower files would come back. A layer an
-    unprivileged user owns is rootless storage, whose markers are user.overlay.* and always visible.
+    so without this check a commit would succeed and deleted lower files would come back. A layer whose markers
+    are user.overlay.* (rootless storage), or that the unprivileged user packing it owns, needs no privilege; a
+    merged view (None) has no markers.
     """
+    if overlay_xattrs != "trusted" or _has_capability(_CAP_SYS_ADMIN):
+        return
     euid = os.geteuid()
-    if _has_capability(_CAP_SYS_ADMIN) or (euid != 0 and layer_dir.stat().st_uid == euid):
+    if euid != 0 and layer_dir.stat().st_uid == euid:
         return
     raise LayerError(
         f"{layer_dir}: this process lacks CAP_SYS_ADMIN, so the layer's trusted.overlay.* markers (opaque"

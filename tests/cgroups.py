@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -84,9 +85,44 @@ class Cgroup:
     path: Path
     version: int
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    children: list["Cgroup"] = field(default_factory=list)
 
     def add(self, pid: int) -> None:
         (self.path / "cgroup.procs").write_text(str(pid))
+
+    def child(self, name: str) -> "Cgroup":
+        """A cgroup made inside this one (removed with it), e.g. named after a container as its engine names it:
+        `cgroup.child(container_id)` stands for docker's /docker/<id>, `cgroup.child(f"libpod-{id}.scope")` for
+        podman's machine.slice/libpod-<id>.scope."""
+        group = Cgroup(self.path / name, self.version)
+        group.path.mkdir()
+        self.children.append(group)
+        return group
+
+    def start_sleeper(self) -> subprocess.Popen[bytes]:
+        """A process that only sleeps, moved into this cgroup."""
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        self.processes.append(process)
+        self.add(process.pid)
+        return process
+
+    def freeze_directly(self) -> None:
+        """Freeze the cgroup as an engine's pause does, not through pipeline.freezer; wait until it is frozen."""
+        control, value = ("freezer.state", "FROZEN") if self.version == 1 else ("cgroup.freeze", "1")
+        with open(self.path / control, "w") as f:
+            f.write(value)
+        deadline = time.monotonic() + 10
+        while self.freezer_state() != "FROZEN":
+            assert time.monotonic() < deadline, f"{self.path} never froze"
+            time.sleep(0.01)
+
+    def freezer_state(self) -> str:
+        """FROZEN, FREEZING or THAWED, read from the kernel's files here, not through pipeline.freezer."""
+        if self.version == 1:
+            return (self.path / "freezer.state").read_text().strip()
+        if "frozen 1" in (self.path / "cgroup.events").read_text().splitlines():
+            return "FROZEN"
+        return "FREEZING" if (self.path / "cgroup.freeze").read_text().strip() == "1" else "THAWED"
 
     def start_counter(self, counter: Path) -> subprocess.Popen[bytes]:
         process = subprocess.Popen([sys.executable, "-c", COUNTER_SCRIPT, str(counter)])
@@ -108,8 +144,11 @@ class Cgroup:
             f.write(value)
 
     def remove(self) -> None:
-        # Thaw first: a task frozen by the v1 freezer does not act on SIGKILL until it is thawed.
+        # Thaw first (and before the children, whose tasks a frozen ancestor keeps frozen): a task frozen by the v1
+        # freezer does not act on SIGKILL until it is thawed.
         self.thaw_directly()
+        for child in reversed(self.children):
+            child.remove()
         for pid in self.pids():
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -128,6 +167,32 @@ class Cgroup:
                 if e.errno != errno.EBUSY or time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
+
+
+class FreezerWatch:
+    """Samples a cgroup's freezer state every few milliseconds from a thread, for as long as the block runs."""
+
+    def __init__(self, cgroup: Cgroup) -> None:
+        self.cgroup = cgroup
+        self.states: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "FreezerWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.states.add(self.cgroup.freezer_state())
+            except FileNotFoundError:
+                return
+            time.sleep(0.002)
 
 
 def size(path: Path) -> int:

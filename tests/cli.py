@@ -2,6 +2,8 @@
 
 import hashlib
 import os
+import resource
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -9,14 +11,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_luigi(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`luigi --module pipeline ARGS --local-scheduler` from the repository root (where luigi.cfg is)."""
+def run_luigi(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300, nofile: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`luigi --module pipeline ARGS --local-scheduler` from the repository root (where luigi.cfg is); nofile, if
+    given, is the command's limit of open files (RLIMIT_NOFILE, soft and hard)."""
     full_env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"} | (env or {})
     command = [sys.executable, "-m", "luigi", "--module", "pipeline", *args, "--local-scheduler"]
     # Every scenario doubles as a check that the source storage is only ever read.
     root = Path(args[args.index("--storage-root") + 1]) if "--storage-root" in args else None
     before = tree_fingerprint(root) if root and root.exists() else None
-    result = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    limit = None if nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+    result = subprocess.run(
+        command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, preexec_fn=limit
+    )
     if root and before is not None:
         assert tree_fingerprint(root) == before, f"the run wrote into the source storage {root}"
     return result
@@ -41,19 +49,62 @@ def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
 
 
 def tree_fingerprint(root: Path) -> str:
-    """A digest of everything under root: names, types, content, mode, owner, mtime, xattrs."""
+    """A digest of everything under root: names, types, content, mode, owner, mtime, xattrs.
+
+    At any depth: a loop rather than recursion, and relative to one directory fd at a time (a child opened by name,
+    the parent again as ".."), so neither Python's recursion limit, PATH_MAX nor the open files limit matters."""
     h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
-        dirnames.sort()
-        for name in sorted([b".", *dirnames, *filenames]):
-            path = os.path.join(dirpath, name) if name != b"." else dirpath
-            st = os.lstat(path)
-            h.update(b"%s %o %d %d %d %d\n" % (path, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_rdev))
-            for attr in sorted(os.listxattr(path, follow_symlinks=False)):
-                h.update(attr.encode() + os.getxattr(path, attr, follow_symlinks=False))
-            if os.path.islink(path):
-                h.update(os.readlink(path))
-            elif os.path.isfile(path):
-                with open(path, "rb") as f:
-                    h.update(hashlib.file_digest(f, "sha256").digest())
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    fd = os.open(root, flags)
+    _hash_entry(h, b".", os.fstat(fd), fd)
+    rel = b""  # the current directory below root
+    rel_ends: list[int] = []  # where each ancestor's path ends in rel
+    pending = [_hash_dir(h, fd, rel)]  # per level, the subdirectories still to hash, last first
+    try:
+        while pending:
+            if not pending[-1]:
+                pending.pop()
+                if pending:
+                    fd = _reopen(fd, b"..", flags | os.O_NOFOLLOW)
+                    rel = rel[: rel_ends.pop()]
+                continue
+            name = pending[-1].pop()
+            fd = _reopen(fd, name, flags | os.O_NOFOLLOW)
+            rel_ends.append(len(rel))
+            rel += b"/" + name
+            pending.append(_hash_dir(h, fd, rel))
+    finally:
+        os.close(fd)
     return h.hexdigest()
+
+
+def _reopen(fd: int, name: bytes, flags: int) -> int:
+    try:
+        return os.open(name, flags, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_dir(h: "hashlib._Hash", fd: int, rel: bytes) -> list[bytes]:
+    """Hash the entries of the directory open as fd (rel below the root); return its subdirectories, last first."""
+    subdirs = []
+    for name in sorted(os.fsencode(n) for n in os.listdir(fd)):
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        _hash_entry(h, rel + b"/" + name, st, b"/proc/self/fd/%d/%s" % (fd, name))
+        if stat.S_ISLNK(st.st_mode):
+            h.update(os.readlink(name, dir_fd=fd))
+        elif stat.S_ISREG(st.st_mode):
+            with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        elif stat.S_ISDIR(st.st_mode):
+            subdirs.append(name)
+    subdirs.reverse()
+    return subdirs
+
+
+def _hash_entry(h: "hashlib._Hash", rel: bytes, st: os.stat_result, xattrs_of: int | bytes) -> None:
+    """xattrs_of: an fd (the root), or a /proc/self/fd path whose last component is never followed."""
+    h.update(b"%s %o %d %d %d %d\n" % (rel, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_rdev))
+    follow = isinstance(xattrs_of, int)  # an fd is the entry itself
+    for attr in sorted(os.listxattr(xattrs_of, follow_symlinks=follow)):
+        h.update(attr.encode() + os.getxattr(xattrs_of, attr, follow_symlinks=follow))

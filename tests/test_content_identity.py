@@ -274,3 +274,27 @@ def test_snapshots_of_two_storages_in_one_period_are_two_runs(storage: tuple[Pat
     assert second.returncode == 0, second.stderr
     assert sorted(r.container_id for r in read_records(tmp_path / "out")) == sorted([cid, other])
     assert len(list((tmp_path / "out" / "catalog" / "runs").glob("*.json"))) == 2
+
+
+def test_lost_layer_records_are_packed_again_without_changing_the_image(
+    storage: tuple[Path, str], tmp_path: Path
+) -> None:
+    root, cid = storage
+    archive, iidfile = tmp_path / "img.tar", tmp_path / "iid"
+    args = commit_args(root, tmp_path, "--id", cid, "--output", str(archive), "--iidfile", str(iidfile))
+    assert run_luigi(*args).returncode == 0
+    image_id = iidfile.read_text()
+    for record in (tmp_path / "cache" / "layers").glob("*.json"):
+        record.unlink()
+    iidfile.unlink()  # an output that must agree with the archive after the re-run
+    second = run_luigi(*args)
+    assert second.returncode == 0, second.stderr
+    assert "running   PackContainerLayer" in second.stderr
+    # Same state, same diff_ids: the config written for it (and so the image id) stays.
+    assert iidfile.read_text() == image_id == "sha256:" + read_archive_manifest(archive)["Config"].rpartition("/")[2]
+    for record in (tmp_path / "cache" / "layers").glob("*.json"):
+        record.unlink()
+    archive.unlink()
+    third = run_luigi(*args)
+    assert third.returncode == 0, third.stderr
+    assert iidfile.read_text() == image_id == "sha256:" + read_archive_manifest(archive)["Config"].rpartition("/")[2]

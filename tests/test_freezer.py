@@ -1,4 +1,8 @@
-"""Tests of the cgroup freezer with real processes in real, temporary cgroups (v1 and v2 where each is mounted)."""
+"""Tests of the cgroup freezer with real processes in real, temporary cgroups (v1 and v2 where each is mounted).
+
+A container's cgroup is made as docker's cgroupfs driver makes it, `<parent>/<container id>` (the parent is the
+test's own cgroup, standing for /docker); any other cgroup is one the freezer must never freeze.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +18,28 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import StorageError
-from pipeline.freezer import MARKER_SUFFIX, Freezer, find_freezer, paused, thaw_abandoned
-from tests.cgroups import UNAVAILABLE, VERSIONS, Cgroup, cgroup_mount, grows
+from pipeline.freezer import (
+    MARKER_SUFFIX,
+    Freezer,
+    container_cgroup,
+    find_freezer,
+    locate_freezer,
+    paused,
+    thaw_abandoned,
+)
+from tests.cgroups import UNAVAILABLE, VERSIONS, Cgroup, FreezerWatch, cgroup_mount, grows
 
 REPO = Path(__file__).resolve().parents[1]
+CID = "c0ffee" + "0123456789abcdef" * 3 + "0123456789"  # a full 64-hex container id
+OTHER = "beef" + "0123456789abcdef" * 3 + "012345678901"  # another container's
+assert len(CID) == len(OTHER) == 64
 
 # A commit killed by SIGKILL (which no handler or finally block can intercept) while the container is frozen.
 KILLED_COMMIT_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
 from pipeline.freezer import paused
-with paused(int(sys.argv[1]), Path(sys.argv[2]), label="killed-commit") as freezer:
+with paused(int(sys.argv[1]), Path(sys.argv[2]), label="killed-commit", container_id=sys.argv[3]) as freezer:
     assert freezer is not None and freezer.is_frozen()
     os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -34,7 +49,7 @@ FIND_FROM_INSIDE_SCRIPT = """
 import sys
 from pipeline.freezer import find_freezer
 pid = int(sys.stdin.readline())
-print(find_freezer(pid))
+print(find_freezer(pid, sys.argv[1]))
 """
 
 
@@ -53,13 +68,89 @@ def write_marker(path: Path, **record: object) -> None:
     path.write_text(json.dumps(record))
 
 
+@pytest.fixture
+def container(cgroup: Cgroup) -> Cgroup:
+    """The container's cgroup, named after its id inside the test's cgroup (as /docker/<id>)."""
+    return cgroup.child(CID)
+
+
+def freezer_log(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "pipeline.freezer"]
+
+
+# --- which cgroup is the container's --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "own"),
+    [
+        # docker, cgroupfs driver (default parent, then --cgroup-parent) and systemd driver
+        (f"/docker/{CID}", f"/docker/{CID}"),
+        (f"/ci/jobs/{CID}", f"/ci/jobs/{CID}"),
+        (f"/system.slice/docker-{CID}.scope", f"/system.slice/docker-{CID}.scope"),
+        # podman: systemd, cgroupfs, --cgroups split; a systemd inside the container making sub-cgroups
+        (f"/machine.slice/libpod-{CID}.scope", f"/machine.slice/libpod-{CID}.scope"),
+        (f"/machine.slice/libpod-{CID}.scope/container", f"/machine.slice/libpod-{CID}.scope"),
+        (f"/libpod_parent/libpod-{CID}", f"/libpod_parent/libpod-{CID}"),
+        (f"/user.slice/podman.service/libpod-payload-{CID}", f"/user.slice/podman.service/libpod-payload-{CID}"),
+        # rocker: the id at the hierarchy's root; a sub-cgroup the container made
+        (f"/{CID}", f"/{CID}"),
+        (f"/docker/{CID}/init.scope", f"/docker/{CID}"),
+    ],
+)
+def test_container_cgroup_is_the_one_named_after_the_container(cgroup: str, own: str) -> None:
+    assert container_cgroup(cgroup, CID) == own
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "why"),
+    [
+        ("/", "root cgroup"),
+        ("/user.slice/user-1000.slice/session-2.scope", "not named after the container"),
+        (f"/docker/{OTHER}", "not named after the container"),
+        (f"/docker/{CID[:12]}", "not named after the container"),
+        (f"/docker/{CID}x", "not named after the container"),
+        (f"/system.slice/{CID}.service", "not named after the container"),
+        (f"/machine.slice/libpod-conmon-{CID}.scope", "not named after the container"),
+        ("/libpod_parent/conmon", "not named after the container"),
+        (f"/libpod_parent/libpod-{CID}/conmon", "conmon's"),
+    ],
+)
+def test_container_cgroup_refuses_cgroups_not_the_containers(cgroup: str, why: str) -> None:
+    refused = container_cgroup(cgroup, CID)
+    assert not isinstance(refused, str)
+    assert why in refused.why
+
+
+def test_container_cgroup_needs_a_full_container_id() -> None:
+    refused = container_cgroup("/docker/web", "web")
+    assert not isinstance(refused, str) and "not a full 64-hex id" in refused.why
+
+
 # --- find_freezer ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
-def test_find_freezer_finds_the_cgroup_a_process_was_moved_into(cgroup: Cgroup, tmp_path: Path) -> None:
-    process = cgroup.start_counter(tmp_path / "counter")
-    assert find_freezer(process.pid) == Freezer(cgroup.path, cgroup.version)
+def test_find_freezer_finds_the_cgroup_a_process_was_moved_into(container: Cgroup) -> None:
+    process = container.start_sleeper()
+    assert find_freezer(process.pid, CID) == Freezer(container.path, container.version)
+
+
+@pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
+def test_find_freezer_finds_the_containers_cgroup_above_a_sub_cgroup_its_pid_is_in(container: Cgroup) -> None:
+    process = container.child("init.scope").start_sleeper()
+    assert find_freezer(process.pid, CID) == Freezer(container.path, container.version)
+
+
+@pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
+@pytest.mark.parametrize("name", ["pipeline-unrelated", f"libpod-conmon-{CID}.scope", OTHER])
+def test_find_freezer_refuses_the_cgroup_of_a_process_outside_the_container(cgroup: Cgroup, name: str) -> None:
+    unrelated = cgroup.child(name)
+    process = unrelated.start_sleeper()
+    found = locate_freezer(process.pid, CID)
+    assert isinstance(found, str)
+    assert f"its v{cgroup.version} cgroup /" in found and f"{name} is not named after the container" in found
+    assert find_freezer(process.pid, CID) is None
 
 
 @pytest.mark.root
@@ -72,24 +163,24 @@ def test_find_freezer_returns_none_for_a_process_in_the_root_cgroups() -> None:
             mount = cgroup_mount(version)
             if mount is not None:
                 (mount / "cgroup.procs").write_text(str(process.pid))
-        assert find_freezer(process.pid) is None
+        assert find_freezer(process.pid, CID) is None
     finally:
         process.kill()
         process.wait()
 
 
 def test_find_freezer_returns_none_for_a_dead_pid() -> None:
-    assert find_freezer(dead_pid()) is None
+    assert find_freezer(dead_pid(), CID) is None
 
 
 @pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
-def test_find_freezer_refuses_a_cgroup_that_holds_the_caller(cgroup: Cgroup, tmp_path: Path) -> None:
-    target = cgroup.start_counter(tmp_path / "counter")
+def test_find_freezer_refuses_a_cgroup_that_holds_the_caller(container: Cgroup) -> None:
+    target = container.start_sleeper()
     finder = subprocess.Popen(
-        [sys.executable, "-c", FIND_FROM_INSIDE_SCRIPT], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        [sys.executable, "-c", FIND_FROM_INSIDE_SCRIPT, CID], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
-    cgroup.processes.append(finder)
-    cgroup.add(finder.pid)
+    container.processes.append(finder)
+    container.add(finder.pid)
     out, _ = finder.communicate(f"{target.pid}\n".encode(), timeout=60)
     assert finder.returncode == 0
     assert out.decode().strip() == "None"
@@ -99,36 +190,79 @@ def test_find_freezer_refuses_a_cgroup_that_holds_the_caller(cgroup: Cgroup, tmp
 
 
 @pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
-def test_paused_freezes_the_container_and_resumes_it_after(cgroup: Cgroup, tmp_path: Path) -> None:
+def test_paused_freezes_the_container_and_resumes_it_after(container: Cgroup, tmp_path: Path) -> None:
     counter, marker_dir = tmp_path / "counter", tmp_path / "markers"
-    process = cgroup.start_counter(counter)
-    with paused(process.pid, marker_dir, label="web-1") as freezer:
-        assert freezer == Freezer(cgroup.path, cgroup.version)
+    process = container.start_counter(counter)
+    with paused(process.pid, marker_dir, label="web-1", container_id=CID) as freezer:
+        assert freezer == Freezer(container.path, container.version)
         assert freezer.is_frozen()
         assert not grows(counter)
         [marker] = markers(marker_dir)
         record = json.loads(marker.read_text())
-        assert {k: record[k] for k in ("cgroup", "version", "pid", "label", "owner_pid")} == {
-            "cgroup": str(cgroup.path),
-            "version": cgroup.version,
+        keys = ("cgroup", "cgroup_inode", "container_id", "version", "pid", "label", "owner_pid")
+        assert {k: record[k] for k in keys} == {
+            "cgroup": str(container.path),
+            "cgroup_inode": container.path.stat().st_ino,
+            "container_id": CID,
+            "version": container.version,
             "pid": process.pid,
             "label": "web-1",
             "owner_pid": os.getpid(),
         }
-    assert not Freezer(cgroup.path, cgroup.version).is_frozen()
+    assert not Freezer(container.path, container.version).is_frozen()
     assert grows(counter)
     assert markers(marker_dir) == []
 
 
 @pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
-def test_exception_inside_paused_still_thaws_and_removes_the_marker(cgroup: Cgroup, tmp_path: Path) -> None:
+def test_paused_never_freezes_the_cgroup_of_an_unrelated_process_given_as_the_pid(
+    cgroup: Cgroup, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A stale or forged State.Pid: the process is real and in a real cgroup, just not the container's.
     counter, marker_dir = tmp_path / "counter", tmp_path / "markers"
     process = cgroup.start_counter(counter)
+    with FreezerWatch(cgroup) as watch, caplog.at_level(logging.WARNING, logger="pipeline.freezer"):
+        with paused(process.pid, marker_dir, label="web-1 (c0ffee012345)", container_id=CID) as freezer:
+            assert freezer is None
+            assert grows(counter)
+    assert watch.states == {"THAWED"}
+    assert markers(marker_dir) == []
+    [warning] = freezer_log(caplog)
+    assert warning.startswith(f"container web-1 (c0ffee012345) (pid {process.pid}): not freezing it: ")
+    assert f"its v{cgroup.version} cgroup /{cgroup.path.name} is not named after the container" in warning
+    assert "proceeds unpaused" in warning
+
+
+@pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
+@pytest.mark.parametrize("frozen", ["container", "ancestor"])
+def test_paused_leaves_a_container_frozen_before_frozen_and_never_thaws_it(
+    cgroup: Cgroup, container: Cgroup, frozen: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Frozen by its engine (docker pause, podman pause) or, with the ancestor, by whoever manages the parent.
+    counter, marker_dir = tmp_path / "counter", tmp_path / "markers"
+    process = container.start_counter(counter)
+    (container if frozen == "container" else cgroup).freeze_directly()
+    with FreezerWatch(container) as watch, caplog.at_level(logging.INFO, logger="pipeline.freezer"):
+        with paused(process.pid, marker_dir, label="web-1", container_id=CID) as freezer:
+            assert freezer is None
+            assert markers(marker_dir) == []
+            assert not grows(counter)
+    assert watch.states == {"FROZEN"}
+    assert container.freezer_state() == "FROZEN" and not grows(counter)
+    assert markers(marker_dir) == []
+    [message] = freezer_log(caplog)
+    assert f"container web-1 (pid {process.pid}): already paused ({container.path} is frozen" in message
+
+
+@pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
+def test_exception_inside_paused_still_thaws_and_removes_the_marker(container: Cgroup, tmp_path: Path) -> None:
+    counter, marker_dir = tmp_path / "counter", tmp_path / "markers"
+    process = container.start_counter(counter)
     with pytest.raises(RuntimeError, match="packing failed"):
-        with paused(process.pid, marker_dir, label="web-1"):
+        with paused(process.pid, marker_dir, label="web-1", container_id=CID):
             assert not grows(counter)
             raise RuntimeError("packing failed")
-    assert not Freezer(cgroup.path, cgroup.version).is_frozen()
+    assert not Freezer(container.path, container.version).is_frozen()
     assert grows(counter)
     assert markers(marker_dir) == []
 
@@ -138,42 +272,50 @@ def test_paused_warns_and_yields_none_when_there_is_no_freezer(
 ) -> None:
     marker_dir = tmp_path / "markers"
     with caplog.at_level(logging.WARNING, logger="pipeline.freezer"):
-        with paused(dead_pid(), marker_dir, label="gone-container") as freezer:
+        pid = dead_pid()
+        with paused(pid, marker_dir, label="gone-container", container_id=CID) as freezer:
             assert freezer is None
-    [record] = [r for r in caplog.records if r.name == "pipeline.freezer"]
-    assert "gone-container" in record.getMessage()
-    assert "unpaused" in record.getMessage()
+    [message] = freezer_log(caplog)
+    assert f"container gone-container (pid {pid}): not freezing it: pid {pid} is gone" in message
+    assert "unpaused" in message
     assert markers(marker_dir) == []
 
 
 # --- thaw_abandoned -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
-def test_thaw_abandoned_thaws_the_cgroup_of_a_commit_killed_while_frozen(cgroup: Cgroup, tmp_path: Path) -> None:
-    counter, marker_dir = tmp_path / "counter", tmp_path / "markers"
-    process = cgroup.start_counter(counter)
-    commit = subprocess.Popen([sys.executable, "-c", KILLED_COMMIT_SCRIPT, str(process.pid), str(marker_dir)], cwd=REPO)
+def kill_commit_while_frozen(pid: int, marker_dir: Path) -> int:
+    """Run a commit that freezes the container with this pid and is SIGKILLed while it is frozen; its pid."""
+    argv = [sys.executable, "-c", KILLED_COMMIT_SCRIPT, str(pid), str(marker_dir), CID]
+    commit = subprocess.Popen(argv, cwd=REPO)
     assert commit.wait(timeout=60) == -signal.SIGKILL
+    return commit.pid
+
+
+@pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
+def test_thaw_abandoned_thaws_the_cgroup_of_a_commit_killed_while_frozen(container: Cgroup, tmp_path: Path) -> None:
+    counter, marker_dir = tmp_path / "counter", tmp_path / "markers"
+    process = container.start_counter(counter)
+    commit_pid = kill_commit_while_frozen(process.pid, marker_dir)
     # The kill really left the container frozen, with the marker saying so.
-    freezer = Freezer(cgroup.path, cgroup.version)
+    freezer = Freezer(container.path, container.version)
     assert freezer.is_frozen()
     assert not grows(counter)
     [marker] = markers(marker_dir)
     record = json.loads(marker.read_text())
-    assert (record["owner_pid"], record["cgroup"]) == (commit.pid, str(cgroup.path))
+    assert (record["owner_pid"], record["cgroup"]) == (commit_pid, str(container.path))
 
-    assert thaw_abandoned(marker_dir) == [cgroup.path]
+    assert thaw_abandoned(marker_dir) == [container.path]
     assert not freezer.is_frozen()
     assert grows(counter)
     assert markers(marker_dir) == []
 
 
 @pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
-def test_thaw_abandoned_leaves_a_live_commits_marker_and_freeze_alone(cgroup: Cgroup, tmp_path: Path) -> None:
+def test_thaw_abandoned_leaves_a_live_commits_marker_and_freeze_alone(container: Cgroup, tmp_path: Path) -> None:
     counter, marker_dir = tmp_path / "counter", tmp_path / "markers"
-    process = cgroup.start_counter(counter)
-    with paused(process.pid, marker_dir, label="web-1") as freezer:
+    process = container.start_counter(counter)
+    with paused(process.pid, marker_dir, label="web-1", container_id=CID) as freezer:
         assert freezer is not None
         [marker] = markers(marker_dir)
         assert thaw_abandoned(marker_dir) == []
@@ -184,19 +326,63 @@ def test_thaw_abandoned_leaves_a_live_commits_marker_and_freeze_alone(cgroup: Cg
 
 
 @pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
-def test_thaw_abandoned_keeps_frozen_a_cgroup_a_live_commit_holds_too(cgroup: Cgroup, tmp_path: Path) -> None:
+def test_thaw_abandoned_keeps_frozen_a_cgroup_a_live_commit_holds_too(container: Cgroup, tmp_path: Path) -> None:
     counter, marker_dir = tmp_path / "counter", tmp_path / "markers"
-    process = cgroup.start_counter(counter)
-    with paused(process.pid, marker_dir, label="web-1") as freezer:
+    process = container.start_counter(counter)
+    with paused(process.pid, marker_dir, label="web-1", container_id=CID) as freezer:
         assert freezer is not None
         [live] = markers(marker_dir)
         dead = marker_dir / f"0-dead{MARKER_SUFFIX}"
         write_marker(
-            dead, cgroup=str(cgroup.path), version=cgroup.version, pid=process.pid, label="web-1", owner_pid=dead_pid()
+            dead,
+            **json.loads(live.read_text()) | {"owner_pid": dead_pid(), "owner_start": None},
         )
         assert thaw_abandoned(marker_dir) == []
         assert markers(marker_dir) == [live]  # the dead commit's marker is gone, the live one's kept
         assert freezer.is_frozen()
+
+
+@pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
+def test_thaw_abandoned_never_thaws_a_cgroup_a_marker_does_not_prove_the_commit_froze(
+    container: Cgroup, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A marker without the container's id and the cgroup's inode (hand-written, or from before they were recorded,
+    # when a container paused already got one too): the cgroup may well be frozen by its engine.
+    marker_dir = tmp_path / "markers"
+    process = container.start_sleeper()
+    container.freeze_directly()
+    marker = marker_dir / f"1-2-abcd{MARKER_SUFFIX}"
+    common = {"version": container.version, "pid": process.pid, "label": "web-1", "owner_pid": dead_pid()}
+    write_marker(marker, cgroup=str(container.path), **common)
+    with FreezerWatch(container) as watch, caplog.at_level(logging.WARNING, logger="pipeline.freezer"):
+        assert thaw_abandoned(marker_dir) == []
+    assert watch.states == {"FROZEN"} and container.freezer_state() == "FROZEN"
+    assert not marker.exists()
+    [warning] = freezer_log(caplog)
+    assert f"container web-1: not thawing {container.path}" in warning
+    assert "does not record which container's cgroup was frozen" in warning
+
+
+@pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
+def test_thaw_abandoned_never_thaws_a_newer_cgroup_at_the_frozen_ones_path(
+    cgroup: Cgroup, container: Cgroup, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker_dir = tmp_path / "markers"
+    commit_pid = kill_commit_while_frozen(container.start_sleeper().pid, marker_dir)
+    assert container.freezer_state() == "FROZEN"
+    # The container is removed and one with its id made again (a restart), then paused by its engine.
+    container.remove()
+    cgroup.children.remove(container)
+    again = cgroup.child(CID)
+    again.start_sleeper()
+    again.freeze_directly()
+    with FreezerWatch(again) as watch, caplog.at_level(logging.WARNING, logger="pipeline.freezer"):
+        assert thaw_abandoned(marker_dir) == []
+    assert watch.states == {"FROZEN"} and again.freezer_state() == "FROZEN"
+    assert markers(marker_dir) == []
+    [warning] = freezer_log(caplog)
+    assert f"not thawing {again.path}, named by the marker of commit process {commit_pid}" in warning
+    assert "newer cgroup at that path" in warning
 
 
 def test_thaw_abandoned_drops_a_dead_owners_marker_whose_cgroup_is_gone(tmp_path: Path) -> None:

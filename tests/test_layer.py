@@ -209,3 +209,87 @@ def test_security_capability_is_carried(tmp_path: Path) -> None:
     os.setxattr(tmp_path / "ping", "security.capability", cap)
     _, [member], _ = _pack(tmp_path)
     assert member.pax_headers["SCHILY.xattr.security.capability"].encode("utf-8", "surrogateescape") == cap
+
+
+# --- overlay markers are read from the layer's own namespace only (issue 11) ---------------------------------------
+
+
+def _pack_with_markers(layer_dir: Path, overlay_xattrs: str | None) -> dict[str, tarfile.TarInfo]:
+    out = io.BytesIO()
+    write_layer(layer_dir, out, overlay_xattrs=overlay_xattrs)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+        return {m.name: m for m in tar.getmembers()}
+
+
+def _set_user_xattrs(path: Path, xattrs: dict[str, bytes]) -> None:
+    for name, value in xattrs.items():
+        try:
+            os.setxattr(path, name, value)
+        except OSError as e:
+            pytest.skip(f"this filesystem refuses user xattrs: {e}")
+
+
+def _forged_layer(layer_dir: Path, *, redirect: bool = True) -> None:
+    """What a process in a container can do through the merged view of a mount with trusted.overlay.* markers."""
+    (layer_dir / "etc").mkdir()
+    (layer_dir / "etc" / "app.conf").write_text("setting=1\n")
+    _set_user_xattrs(layer_dir / "etc", {"user.overlay.opaque": b"y"})
+    (layer_dir / "keep.txt").write_text("")
+    _set_user_xattrs(layer_dir / "keep.txt", {"user.overlay.whiteout": b""})
+    (layer_dir / "moved").write_text("x")
+    if redirect:
+        _set_user_xattrs(layer_dir / "moved", {"user.overlay.redirect": b"/elsewhere", "user.overlay.metacopy": b""})
+
+
+def test_forged_user_overlay_opaque_and_whiteout_are_not_markers_in_a_trusted_layer(tmp_path: Path) -> None:
+    _forged_layer(tmp_path, redirect=False)
+    by_name = _pack_with_markers(tmp_path, "trusted")
+    assert sorted(by_name) == ["etc", "etc/app.conf", "keep.txt", "moved"]
+    assert by_name["keep.txt"].isreg()
+    # Not carried either: a rootless engine unpacking the image would make them markers (whiteout.kept_xattrs).
+    assert not any("overlay" in key for m in by_name.values() for key in m.pax_headers)
+
+
+def test_forged_user_overlay_redirect_does_not_refuse_a_trusted_layer(tmp_path: Path) -> None:
+    _forged_layer(tmp_path)
+    by_name = _pack_with_markers(tmp_path, "trusted")
+    assert by_name["moved"].isreg() and by_name["moved"].size == 1
+    assert not any("overlay" in key for m in by_name.values() for key in m.pax_headers)
+
+
+def test_user_overlay_markers_are_honoured_in_a_userxattr_layer(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "app.conf").write_text("setting=1\n")
+    _set_user_xattrs(tmp_path / "etc", {"user.overlay.opaque": b"y"})
+    (tmp_path / "gone").write_text("")
+    _set_user_xattrs(tmp_path / "gone", {"user.overlay.whiteout": b""})
+    by_name = _pack_with_markers(tmp_path, "user")
+    assert sorted(by_name) == [".wh.gone", "etc", "etc/.wh..wh..opq", "etc/app.conf"]
+    assert not any("overlay" in key for m in by_name.values() for key in m.pax_headers)
+
+
+def test_user_overlay_redirect_is_refused_in_a_userxattr_layer(tmp_path: Path) -> None:
+    (tmp_path / "moved").mkdir()
+    _set_user_xattrs(tmp_path / "moved", {"user.overlay.redirect": b"/orig"})
+    with pytest.raises(LayerError, match=r"moved.*user\.overlay\.redirect"):
+        _pack_with_markers(tmp_path, "user")
+
+
+def test_a_merged_view_is_packed_without_reading_markers(tmp_path: Path) -> None:
+    _forged_layer(tmp_path)
+    by_name = _pack_with_markers(tmp_path, None)
+    assert sorted(by_name) == ["etc", "etc/app.conf", "keep.txt", "moved"]
+
+
+@needs_root
+def test_trusted_overlay_markers_are_not_markers_in_a_userxattr_layer(tmp_path: Path) -> None:
+    # A mount with "userxattr" ignores trusted.overlay.*: it is no marker there, and never carried.
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "app.conf").write_text("setting=1\n")
+    os.setxattr(tmp_path / "etc", "trusted.overlay.opaque", b"y")
+    (tmp_path / "keep.txt").write_text("")
+    os.setxattr(tmp_path / "keep.txt", "trusted.overlay.whiteout", b"")
+    os.setxattr(tmp_path / "keep.txt", "trusted.overlay.redirect", b"/x")
+    by_name = _pack_with_markers(tmp_path, "user")
+    assert sorted(by_name) == ["etc", "etc/app.conf", "keep.txt"]
+    assert not any("overlay" in key for m in by_name.values() for key in m.pax_headers)

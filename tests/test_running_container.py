@@ -1,5 +1,6 @@
 """A running container is frozen through its cgroup while its layer is packed, and always thawed after."""
 
+import hashlib
 import json
 import os
 import signal
@@ -17,11 +18,14 @@ from tests.cli import REPO, commit_args, run_luigi
 
 # Reached inside the pause, just before the container's own layer is packed.
 CONTAINER_LAYER_PACK = "pack:PackContainerLayer@1"
+# The id pipeline.demo gives its container: only a cgroup named after it is ever frozen (pipeline.freezer).
+DEMO_CONTAINER_ID = hashlib.sha256(b"pipeline demo container").hexdigest()
 
 
 def _running_storage(tmp_path: Path, pid: int) -> tuple[Path, str]:
     root = tmp_path / "storage"
     cid = build_sample_storage(root)
+    assert cid == DEMO_CONTAINER_ID
     config_path = root / "containers" / cid / "config.json"
     config = json.loads(config_path.read_text())
     config["State"] = {"Running": True, "Pid": pid}
@@ -46,6 +50,7 @@ def _commit_stopped_while_packing(args: list[str]) -> subprocess.Popen[str]:
 
 @pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
 def test_running_container_is_frozen_while_its_layer_is_packed(cgroup: Cgroup, tmp_path: Path) -> None:
+    cgroup = cgroup.child(DEMO_CONTAINER_ID)  # the container's own cgroup, as docker's /docker/<id>
     counter = tmp_path / "counter"
     container = cgroup.start_counter(counter)
     root, cid = _running_storage(tmp_path, container.pid)
@@ -64,6 +69,7 @@ def test_running_container_is_frozen_while_its_layer_is_packed(cgroup: Cgroup, t
 
 @pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
 def test_pause_false_leaves_the_container_running(cgroup: Cgroup, tmp_path: Path) -> None:
+    cgroup = cgroup.child(DEMO_CONTAINER_ID)  # the container's own cgroup, as docker's /docker/<id>
     counter = tmp_path / "counter"
     container = cgroup.start_counter(counter)
     root, cid = _running_storage(tmp_path, container.pid)
@@ -79,6 +85,7 @@ def test_pause_false_leaves_the_container_running(cgroup: Cgroup, tmp_path: Path
 
 @pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
 def test_commit_killed_while_frozen_is_thawed_by_the_next_run(cgroup: Cgroup, tmp_path: Path) -> None:
+    cgroup = cgroup.child(DEMO_CONTAINER_ID)  # the container's own cgroup, as docker's /docker/<id>
     counter = tmp_path / "counter"
     container = cgroup.start_counter(counter)
     root, cid = _running_storage(tmp_path, container.pid)
@@ -95,6 +102,7 @@ def test_commit_killed_while_frozen_is_thawed_by_the_next_run(cgroup: Cgroup, tm
 
 @pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
 def test_documented_command_thaws_after_a_killed_commit(cgroup: Cgroup, tmp_path: Path) -> None:
+    cgroup = cgroup.child(DEMO_CONTAINER_ID)  # the container's own cgroup, as docker's /docker/<id>
     counter = tmp_path / "counter"
     container = cgroup.start_counter(counter)
     root, cid = _running_storage(tmp_path, container.pid)

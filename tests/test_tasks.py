@@ -203,3 +203,31 @@ def test_demo_builds_storage_and_commits_a_loadable_archive(tmp_path: Path) -> N
         inspect = subprocess.run(["skopeo", "inspect", f"docker-archive:{archive}"], capture_output=True, text=True)
         assert inspect.returncode == 0, inspect.stderr
         assert len(json.loads(inspect.stdout)["Layers"]) == 2
+
+
+def test_rocker_bind_mounts_listed_as_volumes_are_not_image_volumes(storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = storage
+    path = root / "containers" / cid / "config.json"
+    doc = json.loads(path.read_text())
+    doc["Config"]["Volumes"] = ["/srv/data:/data", "/var/log/app:/logs"]  # rocker's -v HOST:CONTAINER list
+    path.write_text(json.dumps(doc))
+    archive = tmp_path / "img.tar"
+    result = run_luigi(*commit_args(root, tmp_path, "--id", cid, "--output", str(archive)))
+    assert result.returncode == 0, result.stderr
+    with tarfile.open(archive) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+        config = json.load(tar.extractfile(manifest[0]["Config"]))  # type: ignore[arg-type]
+    assert not config["config"].get("Volumes")
+
+
+def test_author_that_is_not_utf8_is_one_error_line_before_packing(storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = storage
+    command = [sys.executable, "-m", "luigi", "--module", "pipeline"]
+    command += [os.fsdecode(a) for a in commit_args(root, tmp_path, "--id", cid)]
+    command += ["--author", os.fsdecode(b"bad \xff author"), "--local-scheduler"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, errors="replace", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("ERROR: ")] == [
+        "ERROR: --author 'bad \\\\xff author': not valid UTF-8, which an image config must be; give it as UTF-8 text"
+    ]
+    assert not (tmp_path / "cache" / "blobs").exists()

@@ -6,7 +6,6 @@ layer/filestore.go and layer/layer_store.go (image/overlay2/layerdb/{sha256,moun
 """
 
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,12 @@ from pipeline.container import (
     check_id_text,
     checked_layer_dir,
     list_container_dirs,
+    overlay_xattrs_of,
     pick_docker_config,
     pick_image_config,
 )
 from pipeline.errors import ContainerNotFound, StorageError
+from pipeline.jsoncheck import boolean, check_image_config, date, fields_of, loads, optional, pid, string
 
 _CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
 # layer/filestore.go stringIDRegexp: what a mount-id, init-id or cache-id file may hold.
@@ -50,7 +51,8 @@ class DockerStorage:
         if not _CONTAINER_ID.fullmatch(container_id) or not path.is_file():
             raise ContainerNotFound(f"{path}: no such container; list them with docker ps --all")
         doc = _read_json_object(path, f"container {container_id}")
-        driver = doc.get("Driver") or "overlay2"
+        with fields_of(path, "the container's metadata is corrupt"):
+            driver = optional(doc, "Driver", "Driver", string, "") or "overlay2"
         if driver != "overlay2":
             raise StorageError(
                 f"{path}: container {container_id} uses the storage driver {driver!r}; only overlay2 is supported"
@@ -60,16 +62,22 @@ class DockerStorage:
         if not isinstance(state, dict) or not isinstance(config, dict):
             raise StorageError(f"{path}: 'State' and 'Config' must be objects; the container's metadata is corrupt")
         image_config = pick_image_config(config, path)
-        pid = state.get("Pid")
-        return Container(
-            container_id=container_id,
-            name=str(doc.get("Name") or ""),
-            created=str(doc.get("Created") or ""),
+        with fields_of(path, "the container's metadata is corrupt"):
+            name = optional(doc, "Name", "Name", string, "")
+            created = optional(doc, "Created", "Created", date, "")
             # Running and Paused are both true for a paused container (state.go): it is frozen already, and
             # freezing then thawing it here would unpause it.
-            running=state.get("Running") is True and not state.get("Paused"),
-            pid=pid if isinstance(pid, int) else 0,
-            image=str(config.get("Image") or doc.get("Image") or ""),
+            running = optional(state, "Running", "State.Running", boolean, False)
+            paused = optional(state, "Paused", "State.Paused", boolean, False)
+            process = optional(state, "Pid", "State.Pid", pid, 0)
+            image = optional(config, "Image", "Config.Image", string, "") or optional(doc, "Image", "Image", string, "")
+        return Container(
+            container_id=container_id,
+            name=name,
+            created=created,
+            running=running and not paused,
+            pid=process,
+            image=image,
             lower_layers=tuple(self._read_image_layers(container_id)),
             layer=self._read_container_layer(container_id),
             config=image_config,
@@ -93,20 +101,26 @@ class DockerStorage:
         # image/fs.go checks the same on every read: an image id is the digest of its config.
         if hashlib.sha256(data).hexdigest() != hex_id:
             raise StorageError(f"{content}: does not hash to its image id; the image store is corrupt (docker pull)")
-        return _parse_json_object(data, content, f"config of image {hex_id}")
+        doc = _parse_json_object(data, content, f"config of image {hex_id}")
+        with fields_of(content, "the image store is corrupt (docker pull)"):
+            check_image_config(doc)
+        return doc
 
     def _read_container_layer(self, container_id: str) -> Layer:
         # layer_store.go: the container's writable layer is mount-id; its parent in the graph driver is init-id
         # ("<mount-id>-init", /etc/hosts and the like), and docker commit diffs against that, so the init layer
         # is never part of the image and is not read here.
         mount_id = _read_id(self._layerdb / "mounts" / container_id / "mount-id", _CACHE_ID, required=True)
-        return Layer(mount_id, checked_layer_dir(self._layers_root, mount_id, container_id))
+        layer_dir = checked_layer_dir(self._layers_root, mount_id, container_id)
+        # Rootless dockerd (data-root owned by the user) mounts overlay2 with "userxattr": user.overlay.* markers.
+        return Layer(mount_id, layer_dir, overlay_xattrs=overlay_xattrs_of(self.root))
 
     def _read_image_layers(self, container_id: str) -> list[Layer]:
         """The image layers under the container's writable layer, oldest first, by their chain ids' parent files."""
         mounts = self._layerdb / "mounts" / container_id
         layers: list[Layer] = []
-        chain_id = _read_id(mounts / "parent", _DIGEST, required=False)
+        named_by = mounts / "parent"  # the file that names the next chain id, for errors
+        chain_id = _read_id(named_by, _DIGEST, required=False)
         while chain_id:
             if len(layers) >= _MAX_DEPTH:
                 raise StorageError(
@@ -116,8 +130,8 @@ class DockerStorage:
             layer_meta = self._layerdb / "sha256" / chain_id.removeprefix("sha256:")
             if not layer_meta.is_dir():
                 raise StorageError(
-                    f"{layer_meta}: layer {chain_id} of container {container_id} is missing; the layer store is"
-                    " incomplete"
+                    f"{layer_meta}: layer {chain_id} of container {container_id} is missing (named by {named_by});"
+                    " the layer store is incomplete"
                 )
             cache_id = _read_id(layer_meta / "cache-id", _CACHE_ID, required=True)
             layer_dir = checked_layer_dir(self._layers_root, cache_id, container_id, listed_in=layer_meta)
@@ -126,9 +140,16 @@ class DockerStorage:
             tar_split = layer_meta / "tar-split.json.gz"
             diff = _read_id(layer_meta / "diff", _DIGEST, required=False)
             layers.append(
-                Layer(cache_id, layer_dir, tar_split=tar_split if tar_split.is_file() else None, diff_id=diff)
+                Layer(
+                    cache_id,
+                    layer_dir,
+                    tar_split=tar_split if tar_split.is_file() else None,
+                    diff_id=diff,
+                    overlay_xattrs=overlay_xattrs_of(self.root),
+                )
             )
-            chain_id = _read_id(layer_meta / "parent", _DIGEST, required=False)
+            named_by = layer_meta / "parent"
+            chain_id = _read_id(named_by, _DIGEST, required=False)
         layers.reverse()
         return layers
 
@@ -161,7 +182,7 @@ def _read_bytes(path: Path, what: str) -> bytes:
 
 def _parse_json_object(data: bytes, path: Path, what: str) -> dict[str, Any]:
     try:
-        doc = json.loads(data)
+        doc = loads(data)
     except ValueError as e:
         raise StorageError(f"{path}: {what} has malformed JSON ({e}); fix or remove it") from e
     if not isinstance(doc, dict):

@@ -9,7 +9,6 @@ bucket.go) or libpod/sqlite_state.go, and mapped to an image config as libpod/co
 
 import base64
 import hashlib
-import json
 import logging
 import re
 import shutil
@@ -18,9 +17,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.container import Container, Layer, check_id_text, checked_layer_dir
+from pipeline.container import Container, Layer, check_id_text, checked_layer_dir, overlay_xattrs_of
 from pipeline.engines.boltdb import BoltFile
 from pipeline.errors import ContainerNotFound, StorageError
+from pipeline.jsoncheck import (
+    check_image_config,
+    date,
+    fields_of,
+    loads,
+    optional,
+    pid,
+    string,
+    string_map,
+    whole_number,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,7 @@ _PLAIN_BIG_DATA_NAME = re.compile(r"[.0-9a-z]*")
 # thawing it again would unpause it, so it does not count as running here.
 _STATE_RUNNING = 3
 _PORT = re.compile(r"[0-9]{1,5}")
+_PROTOCOLS = ("tcp", "udp", "sctp")  # what netavark and podman's --expose/--publish take
 # libpod ContainerConfig keys podman commit copies as they are, and the Docker image-config key each becomes.
 _LIST_KEYS = {"entrypoint": "Entrypoint", "command": "Cmd"}
 
@@ -73,14 +84,20 @@ class PodmanStorage:
             state: dict[str, Any] = {}
         else:
             config, state = settings
-        pid = state.get("pid")
+        with fields_of(f"{self._containers_json}: container {container_id}", "the store is corrupt"):
+            created = optional(record, "created", "created", date, "")
+            stored_image = optional(record, "image", "image", string, "")
+        with fields_of(f"{self._libpod_path()}: container {container_id}", "the database is corrupt"):
+            running = optional(state, "state", "state.state", whole_number, 0) == _STATE_RUNNING
+            process = optional(state, "pid", "state.pid", pid, 0)
+            image = optional(config, "rootfsImageName", "config.rootfsImageName", string, "")
         return Container(
             container_id=container_id,
             name=name,
-            created=str(record.get("created") or ""),
-            running=state.get("state") == _STATE_RUNNING,
-            pid=pid if isinstance(pid, int) else 0,
-            image=str(config.get("rootfsImageName") or _image_name(record) or record.get("image") or ""),
+            created=created,
+            running=running,
+            pid=process,
+            image=image or _image_name(record) or stored_image,
             lower_layers=tuple(layers[:-1]),
             layer=layers[-1],
             config=_build_image_settings(config, f"container {container_id} in {self._libpod_path()}"),
@@ -105,7 +122,11 @@ class PodmanStorage:
                 f"{self._big_data_path(image_id, key)}: config of image {image_id} does not match its digest {key};"
                 " the store is corrupt (podman pull the image again)"
             )
-        return _parse_json_object(data, self._big_data_path(image_id, key), f"config of image {image_id}")
+        path = self._big_data_path(image_id, key)
+        doc = _parse_json_object(data, path, f"config of image {image_id}")
+        with fields_of(path, "the store is corrupt (podman pull the image again)"):
+            check_image_config(doc)
+        return doc
 
     # --- containers-storage -----------------------------------------------------------------------------------
 
@@ -169,6 +190,8 @@ class PodmanStorage:
             checked_layer_dir(self._layers_root, layer_id, container_id),
             tar_split=tar_split if tar_split.is_file() and recorded else None,
             diff_id=str(digest) if recorded else "",
+            # Rootless podman (graphroot owned by the user) mounts with "userxattr": user.overlay.* markers.
+            overlay_xattrs=overlay_xattrs_of(self.root),
         )
 
     def _config_key(self, image_id: str) -> str:
@@ -245,7 +268,8 @@ def _build_image_settings(config: dict[str, Any], where: str) -> dict[str, Any]:
     if labels:
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
             raise StorageError(f"{where}: 'labels' must map strings to strings; the database is corrupt")
-        settings["Labels"] = labels
+        with fields_of(where, "the database is corrupt"):
+            settings["Labels"] = string_map(labels, "labels")
     ports = _exposed_ports(config, where)
     if ports:
         settings["ExposedPorts"] = ports
@@ -260,17 +284,25 @@ def _exposed_ports(config: dict[str, Any], where: str) -> dict[str, dict[str, An
     if not isinstance(exposed, dict) or not isinstance(published, list):
         raise StorageError(f"{where}: 'exposedPorts' or 'newPortMappings' is malformed; the database is corrupt")
     for port, protocols in exposed.items():
-        if not _PORT.fullmatch(str(port)):
-            raise StorageError(f"{where}: exposed port {port!r} is not a number; the database is corrupt")
+        if not _PORT.fullmatch(port) or not 0 < int(port) <= 65535:
+            raise StorageError(f"{where}: exposed port {port[:20]!r} is not a port number; the database is corrupt")
         for protocol in _string_list(protocols, "exposedPorts", where):
-            ports[f"{int(port)}/{protocol}"] = {}
+            ports[f"{int(port)}/{_protocol(protocol, where)}"] = {}
     for mapping in published:
-        if not isinstance(mapping, dict) or not isinstance(mapping.get("container_port"), int):
+        port = mapping.get("container_port") if isinstance(mapping, dict) else None
+        # type(): JSON true is no port.
+        if type(port) is not int or not 0 < port <= 65535 or not isinstance(mapping.get("protocol") or "", str):
             raise StorageError(f"{where}: a 'newPortMappings' entry is malformed; the database is corrupt")
         # netavark's PortMapping may name several protocols, comma-separated.
-        for protocol in str(mapping.get("protocol") or "tcp").split(","):
-            ports[f"{mapping['container_port']}/{protocol}"] = {}
+        for protocol in (mapping.get("protocol") or "tcp").split(","):
+            ports[f"{port}/{_protocol(protocol, where)}"] = {}
     return ports
+
+
+def _protocol(text: str, where: str) -> str:
+    if text not in _PROTOCOLS:
+        raise StorageError(f"{where}: port protocol {text[:20]!r} is not tcp, udp or sctp; the database is corrupt")
+    return text
 
 
 def _string_list(value: Any, key: str, where: str) -> list[str]:
@@ -284,10 +316,11 @@ def _string_list(value: Any, key: str, where: str) -> list[str]:
 def _image_name(record: dict[str, Any]) -> str:
     # containers.json keeps podman's own metadata as a JSON string ({"image-name": ..., "name": ...}).
     try:
-        metadata = json.loads(record.get("metadata") or "{}")
+        metadata = loads(record.get("metadata") or "{}")
     except (TypeError, ValueError):
         return ""
-    return str(metadata.get("image-name") or "") if isinstance(metadata, dict) else ""
+    name = metadata.get("image-name") if isinstance(metadata, dict) else None
+    return name if isinstance(name, str) else ""
 
 
 def _id_field(record: dict[str, Any], key: str, path: Path, what: str) -> str:
@@ -309,7 +342,7 @@ def _read_records(path: Path, what: str) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     try:
-        doc = json.loads(_read_file(path, what))
+        doc = loads(_read_file(path, what))
     except ValueError as e:
         raise StorageError(f"{path}: {what} list is malformed JSON ({e}); the store is corrupt") from e
     if not isinstance(doc, list) or not all(isinstance(r, dict) for r in doc):
@@ -321,7 +354,7 @@ def _read_records(path: Path, what: str) -> list[dict[str, Any]]:
 
 def _parse_json_object(data: bytes, path: Path, what: str) -> dict[str, Any]:
     try:
-        doc = json.loads(data)
+        doc = loads(data)
     except ValueError as e:
         raise StorageError(f"{path}: {what} is malformed JSON ({e}); the store is corrupt") from e
     if not isinstance(doc, dict):

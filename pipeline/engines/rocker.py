@@ -3,7 +3,6 @@
 Layout: ../shared/ROCKER.md ("rocker's on-disk layout").
 """
 
-import json
 import os
 import re
 from pathlib import Path
@@ -18,6 +17,17 @@ from pipeline.container import (
     pick_image_config,
 )
 from pipeline.errors import StorageError
+from pipeline.jsoncheck import (
+    FieldError,
+    boolean,
+    check_image_config,
+    date,
+    fields_of,
+    loads,
+    optional,
+    pid,
+    string,
+)
 
 _LAYER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
 
@@ -43,14 +53,27 @@ class RockerStorage:
         config = doc.get("Config") or {}
         if not isinstance(state, dict) or not isinstance(config, dict):
             raise StorageError(f"{path}: 'State' and 'Config' must be objects; the container's metadata is corrupt")
+        if isinstance(config.get("Volumes"), list):
+            # rocker records its `-v HOST:CONTAINER` bind mounts here as a list (../shared/ROCKER.md): run-time
+            # mounts of host directories, which docker commit never turns into image VOLUMEs either.
+            config = {k: v for k, v in config.items() if k != "Volumes"}
         image_config = pick_image_config(config, path)
+        with fields_of(path, "the container's metadata is corrupt; fix or recreate it"):
+            name = optional(doc, "Name", "Name", string, "")
+            created = optional(doc, "Created", "Created", date, "")
+            running = optional(state, "Running", "State.Running", boolean, False)
+            # rocker's State is moby's (container/info.go): `rocker stop` SIGTERMs the pid and sets Paused, leaving
+            # Running true (container/utils.go StopContainer). Either way the pid is no longer one to freeze.
+            paused = optional(state, "Paused", "State.Paused", boolean, False)
+            process = optional(state, "Pid", "State.Pid", pid, 0)
+            image = optional(config, "Image", "Config.Image", string, "")
         return Container(
             container_id=container_id,
-            name=str(doc.get("Name") or ""),
-            created=str(doc.get("Created") or ""),
-            running=bool(state.get("Running", False)),
-            pid=int(state.get("Pid") or 0),
-            image=str(config.get("Image") or ""),
+            name=name,
+            created=created,
+            running=running and not paused,
+            pid=process,
+            image=image,
             lower_layers=tuple(self._read_lower(container_id)),
             layer=Layer(container_id, checked_layer_dir(self._layers_root, container_id, container_id)),
             config=image_config,
@@ -68,24 +91,29 @@ class RockerStorage:
         for image_id in candidates:
             if not _LAYER_ID.fullmatch(image_id):
                 continue
-            repo = _read_json_object(store / "repositories" / image_id, f"image {image_id}")
-            info = repo.get("image_layer_info") or {}
-            layers = [entry.get("Digest") for entry in info.get("Layers", [])] if isinstance(info, dict) else []
+            record = store / "repositories" / image_id
+            repo = _read_json_object(record, f"image {image_id}")
+            layers = _layer_digests(repo, record)
             named = container.image and (
                 repo.get("ID") == container.image
                 or (repo.get("Repository") == name and repo.get("Tag", "latest") == (tag or "latest"))
             )
             if named:
-                return self._read_image_config(store, str(repo.get("ID") or image_id))
+                return self._read_image_config(store, str(repo.get("ID") or image_id), record)
             if by_layers is None and layers == wanted_layers:
-                by_layers = str(repo.get("ID") or image_id)
-        return self._read_image_config(store, by_layers) if by_layers else None
+                by_layers = (str(repo.get("ID") or image_id), record)
+        return self._read_image_config(store, *by_layers) if by_layers else None
 
-    def _read_image_config(self, store: Path, image_id: str) -> dict[str, Any]:
+    def _read_image_config(self, store: Path, image_id: str, record: Path) -> dict[str, Any]:
+        """The config of the image that the repositories/ record names."""
         hex_id = image_id.removeprefix("sha256:")
         if not _LAYER_ID.fullmatch(hex_id):
-            raise StorageError(f"{store}/repositories: image id {image_id!r} is not a valid id; the store is corrupt")
-        return _read_json_object(store / "imagedb" / "content" / "sha256" / hex_id, f"image {hex_id}")
+            raise StorageError(f"{record}: image id {image_id[:80]!r} is not a valid id; the store is corrupt")
+        path = store / "imagedb" / "content" / "sha256" / hex_id
+        doc = _read_json_object(path, f"image {hex_id} (named by {record})")
+        with fields_of(path, "the image config is corrupt; fix or remove the image"):
+            check_image_config(doc)
+        return doc
 
     def _read_lower(self, container_id: str) -> list[Layer]:
         path = self._layers_root / container_id / "lower"
@@ -107,9 +135,29 @@ class RockerStorage:
         return layers
 
 
+def _layer_digests(repo: dict[str, Any], path: Path) -> list[str]:
+    """The layer digests an image record of repositories/ lists (image_layer_info.Layers[].Digest), oldest first."""
+    with fields_of(path, "the image store is corrupt; fix or remove the record"):
+        optional(repo, "ID", "ID", string, "")
+        info = repo.get("image_layer_info")
+        if info is None:
+            return []
+        if not isinstance(info, dict):
+            raise FieldError("image_layer_info", "an object", info)
+        entries = info.get("Layers")
+        if entries is not None and not isinstance(entries, list):
+            raise FieldError("image_layer_info.Layers", "an array of objects", entries)
+        digests = []
+        for index, entry in enumerate(entries or []):
+            if not isinstance(entry, dict):
+                raise FieldError(f"image_layer_info.Layers[{index}]", "an object", entry)
+            digests.append(string(entry.get("Digest"), f"image_layer_info.Layers[{index}].Digest"))
+        return digests
+
+
 def _read_json_object(path: Path, what: str) -> dict[str, Any]:
     try:
-        doc = json.loads(path.read_bytes())
+        doc = loads(path.read_bytes())
     except FileNotFoundError:
         raise StorageError(f"{path}: missing; {what} is not in this storage (check --storage-root)") from None
     except (OSError, ValueError) as e:

@@ -16,7 +16,7 @@ from typing import Any
 import luigi
 
 from pipeline import commit as commits
-from pipeline import failpoint, squash
+from pipeline import failpoint, squash, whiteout
 from pipeline.archive import read_member
 from pipeline.atomic import write_bytes_atomic
 from pipeline.cache import LayerCache
@@ -40,6 +40,9 @@ class _LayerTask(HostTask):
     source_key: str = luigi.Parameter()
     cache_dir: str = luigi.Parameter()
     clamp_mtime: int | None = luigi.OptionalIntParameter(default=None)
+    # Where the layer's overlay markers live (container.Layer). Not in the task id: it is a property of the storage
+    # the layer_dir belongs to, so it tells no two tasks apart, and rootful storage keeps the ids it had.
+    overlay_xattrs: str = luigi.ChoiceParameter(choices=whiteout.OVERLAY_XATTRS, default="trusted", significant=False)
 
     def output(self) -> DurableTarget:
         return DurableTarget(os.path.join(self.cache_dir, "layers", f"{_key(self.source_key, self.clamp_mtime)}.json"))
@@ -86,6 +89,7 @@ class PackImageLayer(_LayerTask):
             layer_dir=Path(self.layer_dir),
             tar_split=Path(self.tar_split) if self.tar_split else None,
             diff_id=self.original_diff_id,
+            overlay_xattrs=self.overlay_xattrs,
         )
         return commits.pack_image_layer(cache, layer, clamp_mtime=self.clamp_mtime, report=_Progress(self))
 
@@ -102,7 +106,11 @@ class PackContainerLayer(_LayerTask, StorageTask):
 
     def pack(self, cache: LayerCache) -> LayerRecord:
         return commits.pack_container_layer(
-            cache, Path(self.layer_dir), clamp_mtime=self.clamp_mtime, report=_Progress(self)
+            cache,
+            Path(self.layer_dir),
+            clamp_mtime=self.clamp_mtime,
+            report=_Progress(self),
+            overlay_xattrs=self.overlay_xattrs,
         )
 
 
@@ -113,7 +121,12 @@ class PackSquashedLayer(PackContainerLayer):
     layer_dirs: tuple[str, ...] = luigi.ListParameter()
 
     def pack(self, cache: LayerCache) -> LayerRecord:
-        return squash.pack_squashed([Path(d) for d in self.layer_dirs], cache.root, clamp_mtime=self.clamp_mtime)
+        return squash.pack_squashed(
+            [Path(d) for d in self.layer_dirs],
+            cache.root,
+            clamp_mtime=self.clamp_mtime,
+            overlay_xattrs=self.overlay_xattrs,
+        )
 
 
 class _CommitTask(StorageTask):
@@ -121,8 +134,8 @@ class _CommitTask(StorageTask):
     source keys and its metadata digest) and the options, so every target below is named by what it is made of."""
 
     container_id: str = luigi.Parameter()
-    lower: tuple[tuple[str, str, str, str], ...] = luigi.ListParameter(default=())
-    upper: tuple[str, str, str, str] = luigi.ListParameter()
+    lower: tuple[tuple[str, ...], ...] = luigi.ListParameter(default=())  # commit.LayerSource.as_param()
+    upper: tuple[str, ...] = luigi.ListParameter()
     metadata: str = luigi.Parameter()
     image: str = luigi.Parameter()
     output_path: str = luigi.Parameter()
@@ -162,17 +175,36 @@ class _CommitTask(StorageTask):
         if self.squash:
             key = _key(*(s.key for s in (*lower, upper)))
             dirs = tuple(s.layer_dir for s in (*lower, upper))
+            # One storage, one namespace of overlay markers: the upper layer's is every layer's.
             squashed = PackSquashedLayer(
-                layer_dir=upper.layer_dir, source_key=f"squash:{key}", layer_dirs=dirs, **container, **shared
+                layer_dir=upper.layer_dir,
+                source_key=f"squash:{key}",
+                layer_dirs=dirs,
+                overlay_xattrs=upper.overlay_xattrs,
+                **container,
+                **shared,
             )
             return [squashed]
         tasks: list[_LayerTask] = [
             PackImageLayer(
-                layer_dir=s.layer_dir, source_key=s.key, tar_split=s.tar_split, original_diff_id=s.diff_id, **shared
+                layer_dir=s.layer_dir,
+                source_key=s.key,
+                tar_split=s.tar_split,
+                original_diff_id=s.diff_id,
+                overlay_xattrs=s.overlay_xattrs,
+                **shared,
             )
             for s in lower
         ]
-        tasks.append(PackContainerLayer(layer_dir=upper.layer_dir, source_key=upper.key, **container, **shared))
+        tasks.append(
+            PackContainerLayer(
+                layer_dir=upper.layer_dir,
+                source_key=upper.key,
+                overlay_xattrs=upper.overlay_xattrs,
+                **container,
+                **shared,
+            )
+        )
         return tasks
 
     def layer_records(self) -> list[LayerRecord]:
@@ -216,6 +248,10 @@ class _DerivedFile(_CommitTask):
         raise NotImplementedError
 
     def complete(self) -> bool:
+        # Not while the config is to be written again: luigi decides what is complete before anything runs, so
+        # a file matching the config as it is now could be stale by the time the archive is written.
+        if not WriteImageConfig(**self.common()).complete():
+            return False
         expected = self.build(final=False)
         if expected is None:
             return False
@@ -254,6 +290,10 @@ class WriteImageConfig(_CommitTask):
 
     def run(self) -> None:
         records = self.image_records()
+        if commits.read_diff_ids(Path(self.output().path)) == [r.diff_id for r in records]:
+            # A layer record was lost and packed again to the same diff_id: the config written for this state
+            # still describes it; keeping it (and its `created`) keeps the image id, the archive and iid file.
+            return
         data = commits.build_config_bytes(
             self.open_storage(), self.container_id, records, self.clamp_mtime, self.options()
         )
@@ -324,6 +364,8 @@ class WriteImageArchive(_CommitTask):
         return commits.build_archive_identity(self.format, config, blobs, parse_reference(self.image), manifest)
 
     def complete(self) -> bool:
+        if not WriteImageConfig(**self.common()).complete():  # see _DerivedFile.complete
+            return False
         identity = self.identity(final=False)
         return identity is not None and read_member(Path(self.output_path), identity[0]) == identity[1]
 
@@ -405,7 +447,13 @@ class CommitImage(HostTask, luigi.WrapperTask):
     def _plan(self) -> list[luigi.Task]:
         settings = commit()
         engine, root = storage().engine, storage().storage_root()
-        commits.check_options(self.change, self.config)  # refuse bad options before any layer is packed
+        # The storage is only ever read: nothing of this run may be written into it (checked before anything else).
+        writes: dict[str, str | Path] = {commits.CACHE_DIR_FLAG: settings.cache_dir}
+        writes |= {"--output": self.output} if self.output else {commits.OUTPUT_DIR_FLAG: settings.output_dir}
+        writes |= {"--iidfile": self.iidfile} if self.iidfile else {}
+        commits.check_outside_storage(root, writes)
+        # Refuse bad options before any layer is packed.
+        commits.check_options(self.change, self.config, self.author, self.message)
         fmt = self.format or settings.format
         commits.check_compression(self.compression, self.compression_level, fmt)
         config_file = os.path.abspath(self.config) if self.config else ""

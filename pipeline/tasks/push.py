@@ -112,6 +112,7 @@ class PushImage(HostTask):
         if self._config is None:
             reference = parse_push_reference(self.image)
             engine, root = storage().engine, storage().storage_root()
+            commits.check_outside_storage(root, {commits.CACHE_DIR_FLAG: commit().cache_dir})  # only ever read
             plan = commits.plan_commit(open_storage(engine, Path(root)), self.id, str(reference), "", Path(), fmt=None)
             # No archive: output_path stays out of the commit's identity.
             params = commit_params(plan, engine, root, self.pause) | {"output_path": ""}

@@ -54,8 +54,8 @@ class SnapshotContainer(StorageTask):
     stamp: str = luigi.Parameter()
     output_dir: str = luigi.Parameter()
     format: str = luigi.ChoiceParameter(choices=commits.FORMATS, default="both")
-    lower: tuple[tuple[str, str, str, str], ...] = luigi.ListParameter(default=())
-    upper: tuple[str, str, str, str] = luigi.ListParameter()
+    lower: tuple[tuple[str, ...], ...] = luigi.ListParameter(default=())  # commit.LayerSource.as_param()
+    upper: tuple[str, ...] = luigi.ListParameter()
     metadata: str = luigi.Parameter()
     reuse_from: str = luigi.Parameter(default="", description="stamp of the unchanged snapshot this one reuses")
     # When the plan was made: the record's duration runs from there (not part of what the snapshot is).
@@ -161,6 +161,11 @@ class SnapshotAll(HostTask):
 
     def _plan(self) -> list[SnapshotContainer]:
         settings = _settings()
+        # The storage is only ever read: no archive, catalog or cache entry may be written into it.
+        commits.check_outside_storage(
+            settings["storage_root"],
+            {commits.OUTPUT_DIR_FLAG: settings["output_dir"], commits.CACHE_DIR_FLAG: settings["cache_dir"]},
+        )
         globs = [g.strip() for g in self.containers.replace(" ", ",").split(",") if g.strip()]
         store = open_storage(settings["engine"], Path(settings["storage_root"]))
         tasks = []
@@ -204,11 +209,11 @@ class SnapshotAll(HostTask):
             catalog.write_index(output_dir)
             if keep > 0:
                 grace = batch().gc_grace_minutes * 60
-                plan = retention.plan_retention(output_dir, cache_dir, keep, grace_seconds=grace)
-                if self.prune_dry_run:
+                dry_run = self.prune_dry_run
+                plan = retention.run_retention(output_dir, cache_dir, keep, grace_seconds=grace, dry_run=dry_run)
+                if dry_run:
                     print(retention.describe(plan))
                 else:
-                    retention.apply_retention(plan)
                     catalog.write_index(output_dir)
         seconds = time.time() - _PROCESS_STARTED
         totals = snapshots.measure_run(records, cache_dir / "blobs" / "sha256", _PROCESS_STARTED)
