@@ -31,7 +31,10 @@ class registry(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg se
         parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="plain HTTP instead of verified TLS; refused unless the registry host is loopback",
     )
-    timeout: float = luigi.FloatParameter(default=60.0, description="seconds for each connect or read")
+    timeout: float = luigi.FloatParameter(
+        default=60.0,
+        description="seconds for each whole request (and each MiB of an upload); tries share attempts x this",
+    )
     attempts: int = luigi.IntParameter(default=5, description="tries of a request answered 429/5xx or cut off")
     backoff: float = luigi.FloatParameter(default=1.0, description="seconds before the 2nd try, doubling after")
     ca_file: str = luigi.Parameter(default="", description="PEM CA bundle trusted besides the system's")
