@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.errors import ContainerNotFound, StorageError
-from pipeline.jsoncheck import check_config_value, fields_of
+from pipeline.jsoncheck import boolean, check_config_value, date, fields_of, optional, pid, string
 
 # Engines name containers by hex ids (64 chars) and users type prefixes; names add [A-Za-z0-9_.-] (docker's rule).
 _ID_OR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
@@ -263,3 +263,31 @@ def list_container_dirs(containers_dir: Path, pattern: re.Pattern[str]) -> list[
     except OSError as e:
         raise StorageError(f"{containers_dir}: cannot list containers ({e.strerror}); check --storage-root") from e
     return sorted(n for n in names if pattern.fullmatch(n) and (containers_dir / n).is_dir())
+
+
+@dataclass(frozen=True)
+class MobyState:
+    """What moby's container struct (docker's config.v2.json, and rocker's config.json, which copies it) says of a
+    container besides its layers: container/container.go and container/state.go."""
+
+    name: str
+    created: str
+    running: bool  # running and not paused: a paused container is frozen already, and is never frozen again
+    pid: int
+    image: str  # Config.Image: what the container was created from
+
+
+def read_moby_state(doc: dict[str, Any], state: dict[str, Any], config: dict[str, Any], path: Path) -> MobyState:
+    """The fields of MobyState, each type-checked; a wrong one is a StorageError naming path and field."""
+    with fields_of(path, "the container's metadata is corrupt; fix or recreate it"):
+        # Running and Paused are both true for a paused container (docker's state.go; `rocker stop` sets Paused
+        # and leaves Running, container/utils.go StopContainer): either way the pid is not one to freeze.
+        running = optional(state, "Running", "State.Running", boolean, False)
+        paused = optional(state, "Paused", "State.Paused", boolean, False)
+        return MobyState(
+            name=optional(doc, "Name", "Name", string, ""),
+            created=optional(doc, "Created", "Created", date, ""),
+            running=running and not paused,
+            pid=optional(state, "Pid", "State.Pid", pid, 0),
+            image=optional(config, "Image", "Config.Image", string, ""),
+        )

@@ -19,9 +19,10 @@ from pipeline.container import (
     overlay_xattrs_of,
     pick_docker_config,
     pick_image_config,
+    read_moby_state,
 )
 from pipeline.errors import ContainerNotFound, StorageError
-from pipeline.jsoncheck import boolean, check_image_config, date, fields_of, loads, optional, pid, string
+from pipeline.jsoncheck import check_image_config, fields_of, loads, optional, string
 
 _CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
 # layer/filestore.go stringIDRegexp: what a mount-id, init-id or cache-id file may hold.
@@ -62,21 +63,15 @@ class DockerStorage:
         if not isinstance(state, dict) or not isinstance(config, dict):
             raise StorageError(f"{path}: 'State' and 'Config' must be objects; the container's metadata is corrupt")
         image_config = pick_image_config(config, path)
+        moby = read_moby_state(doc, state, config, path)
         with fields_of(path, "the container's metadata is corrupt"):
-            name = optional(doc, "Name", "Name", string, "")
-            created = optional(doc, "Created", "Created", date, "")
-            # Running and Paused are both true for a paused container (state.go): it is frozen already, and
-            # freezing then thawing it here would unpause it.
-            running = optional(state, "Running", "State.Running", boolean, False)
-            paused = optional(state, "Paused", "State.Paused", boolean, False)
-            process = optional(state, "Pid", "State.Pid", pid, 0)
-            image = optional(config, "Image", "Config.Image", string, "") or optional(doc, "Image", "Image", string, "")
+            image = moby.image or optional(doc, "Image", "Image", string, "")
         return Container(
             container_id=container_id,
-            name=name,
-            created=created,
-            running=running and not paused,
-            pid=process,
+            name=moby.name,
+            created=moby.created,
+            running=moby.running,
+            pid=moby.pid,
             image=image,
             lower_layers=tuple(self._read_image_layers(container_id)),
             layer=self._read_container_layer(container_id),

@@ -15,17 +15,15 @@ from pipeline.container import (
     checked_layer_dir,
     list_container_dirs,
     pick_image_config,
+    read_moby_state,
 )
 from pipeline.errors import StorageError
 from pipeline.jsoncheck import (
     FieldError,
-    boolean,
     check_image_config,
-    date,
     fields_of,
     loads,
     optional,
-    pid,
     string,
 )
 
@@ -58,22 +56,14 @@ class RockerStorage:
             # mounts of host directories, which docker commit never turns into image VOLUMEs either.
             config = {k: v for k, v in config.items() if k != "Volumes"}
         image_config = pick_image_config(config, path)
-        with fields_of(path, "the container's metadata is corrupt; fix or recreate it"):
-            name = optional(doc, "Name", "Name", string, "")
-            created = optional(doc, "Created", "Created", date, "")
-            running = optional(state, "Running", "State.Running", boolean, False)
-            # rocker's State is moby's (container/info.go): `rocker stop` SIGTERMs the pid and sets Paused, leaving
-            # Running true (container/utils.go StopContainer). Either way the pid is no longer one to freeze.
-            paused = optional(state, "Paused", "State.Paused", boolean, False)
-            process = optional(state, "Pid", "State.Pid", pid, 0)
-            image = optional(config, "Image", "Config.Image", string, "")
+        moby = read_moby_state(doc, state, config, path)
         return Container(
             container_id=container_id,
-            name=name,
-            created=created,
-            running=running and not paused,
-            pid=process,
-            image=image,
+            name=moby.name,
+            created=moby.created,
+            running=moby.running,
+            pid=moby.pid,
+            image=moby.image,
             lower_layers=tuple(self._read_lower(container_id)),
             layer=Layer(container_id, checked_layer_dir(self._layers_root, container_id, container_id)),
             config=image_config,
