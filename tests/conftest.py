@@ -2,11 +2,15 @@
 
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from pipeline.demo import build_sample_storage
 
 if TYPE_CHECKING:
     from tests.cgroups import Cgroup
@@ -64,3 +68,19 @@ def busybox_image(dockerd: "Dockerd") -> str:
 
 if TYPE_CHECKING:
     from tests.dockerd import Dockerd
+
+
+@pytest.fixture(scope="session")
+def pristine_sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The demo's rocker storage (pipeline.demo), built once per session; tests take copies (sample_storage)."""
+    root = tmp_path_factory.mktemp("pristine") / "storage"
+    return root, build_sample_storage(root)
+
+
+@pytest.fixture
+def sample_storage(pristine_sample: tuple[Path, str], tmp_path: Path) -> tuple[Path, str]:
+    """A private copy of the demo's rocker storage under tmp_path/storage, and its container id."""
+    root = tmp_path / "storage"
+    # cp -a keeps what copytree cannot: whiteout devices and trusted.* xattrs.
+    subprocess.run(["cp", "-a", str(pristine_sample[0]), str(root)], check=True)
+    return root, pristine_sample[1]

@@ -80,6 +80,13 @@ def read_archive_manifest(archive: Path) -> dict[str, Any]:
         return _read_manifest(outer, archive)
 
 
+def read_archive_config(archive: Path) -> dict[str, Any]:
+    """The image config a docker-archive's manifest.json names."""
+    with tarfile.open(archive, "r:") as outer:
+        config: dict[str, Any] = json.load(_member(outer, _read_manifest(outer, archive)["Config"], archive))
+    return config
+
+
 def _read_manifest(outer: tarfile.TarFile, archive: Path) -> dict[str, Any]:
     manifest = json.load(_member(outer, "manifest.json", archive))
     if not isinstance(manifest, list) or len(manifest) != 1:

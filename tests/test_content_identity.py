@@ -11,38 +11,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from pipeline.catalog import read_records
 from pipeline.demo import build_sample_storage
 from tests.cli import REPO, commit_args, run_luigi
 from tests.conftest import needs_root
-from tests.imagecheck import read_archive_manifest, unpack_layers_with_python
+from tests.imagecheck import read_archive_config, read_archive_manifest, unpack_layers_with_python
 from tests.registry_server import needs_registry, serve_registry
 
 pytestmark = needs_root
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    root = tmp_path_factory.mktemp("pristine") / "storage"
-    return root, build_sample_storage(root)
-
-
-@pytest.fixture
-def storage(pristine: tuple[Path, str], tmp_path: Path) -> tuple[Path, str]:
-    root = tmp_path / "storage"
-    subprocess.run(["cp", "-a", str(pristine[0]), str(root)], check=True)  # keeps whiteouts and trusted.* xattrs
-    return root, pristine[1]
-
-
-def _config(archive: Path) -> dict[str, Any]:
-    manifest = read_archive_manifest(archive)
-    with tarfile.open(archive) as tar:
-        member = tar.extractfile(manifest["Config"])
-        assert member is not None
-        config: dict[str, Any] = json.load(member)
-    return config
 
 
 def _file_in_image(archive: Path, work: Path, name: str) -> bytes | None:
@@ -57,26 +33,26 @@ def _upper(root: Path, cid: str) -> Path:
 
 
 def test_changed_container_with_its_archive_deleted_is_committed_again(
-    storage: tuple[Path, str], tmp_path: Path
+    sample_storage: tuple[Path, str], tmp_path: Path
 ) -> None:
-    root, cid = storage
+    root, cid = sample_storage
     archive = tmp_path / "img.tar"
     args = commit_args(root, tmp_path, "--id", cid, "--output", str(archive))
     assert run_luigi(*args).returncode == 0
-    first = _config(archive)
+    first = read_archive_config(archive)
     (_upper(root, cid) / "etc").mkdir(exist_ok=True)
     (_upper(root, cid) / "etc" / "changed.conf").write_bytes(b"written after the first commit\n")
     archive.unlink()
     second = run_luigi(*args)
     assert second.returncode == 0, second.stderr
     assert _file_in_image(archive, tmp_path, "etc/changed.conf") == b"written after the first commit\n"
-    assert _config(archive)["rootfs"]["diff_ids"][-1] != first["rootfs"]["diff_ids"][-1]
+    assert read_archive_config(archive)["rootfs"]["diff_ids"][-1] != first["rootfs"]["diff_ids"][-1]
 
 
 def test_changed_container_replaces_an_existing_archive_and_says_which_image(
-    storage: tuple[Path, str], tmp_path: Path
+    sample_storage: tuple[Path, str], tmp_path: Path
 ) -> None:
-    root, cid = storage
+    root, cid = sample_storage
     archive = tmp_path / "img.tar"
     args = commit_args(root, tmp_path, "--id", cid, "--output", str(archive))
     assert run_luigi(*args).returncode == 0
@@ -89,13 +65,13 @@ def test_changed_container_replaces_an_existing_archive_and_says_which_image(
 
 
 def test_changed_container_with_archive_and_layer_blob_deleted_gives_a_whole_archive(
-    storage: tuple[Path, str], tmp_path: Path
+    sample_storage: tuple[Path, str], tmp_path: Path
 ) -> None:
-    root, cid = storage
+    root, cid = sample_storage
     archive = tmp_path / "img.tar"
     args = commit_args(root, tmp_path, "--id", cid, "--output", str(archive))
     assert run_luigi(*args).returncode == 0
-    old_top = _config(archive)["rootfs"]["diff_ids"][-1]
+    old_top = read_archive_config(archive)["rootfs"]["diff_ids"][-1]
     (_upper(root, cid) / "new.txt").write_bytes(b"new\n")
     archive.unlink()
     (tmp_path / "cache" / "blobs" / "sha256" / old_top.removeprefix("sha256:")).unlink()
@@ -105,18 +81,20 @@ def test_changed_container_with_archive_and_layer_blob_deleted_gives_a_whole_arc
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
     assert set(manifest["Layers"]) <= names, "the archive names a layer it does not hold"
-    assert [f"sha256:{n.rpartition('/')[2]}" for n in manifest["Layers"]] == _config(archive)["rootfs"]["diff_ids"]
+    assert [f"sha256:{n.rpartition('/')[2]}" for n in manifest["Layers"]] == read_archive_config(archive)["rootfs"][
+        "diff_ids"
+    ]
     assert _file_in_image(archive, tmp_path, "new.txt") == b"new\n"
 
 
 def test_unchanged_container_with_its_layer_blob_deleted_is_packed_again_and_the_archive_kept(
-    storage: tuple[Path, str], tmp_path: Path
+    sample_storage: tuple[Path, str], tmp_path: Path
 ) -> None:
-    root, cid = storage
+    root, cid = sample_storage
     archive = tmp_path / "img.tar"
     args = commit_args(root, tmp_path, "--id", cid, "--output", str(archive))
     assert run_luigi(*args).returncode == 0
-    top = _config(archive)["rootfs"]["diff_ids"][-1]
+    top = read_archive_config(archive)["rootfs"]["diff_ids"][-1]
     before = archive.read_bytes()
     (tmp_path / "cache" / "blobs" / "sha256" / top.removeprefix("sha256:")).unlink()
     archive.unlink()
@@ -127,8 +105,10 @@ def test_unchanged_container_with_its_layer_blob_deleted_is_packed_again_and_the
     assert archive.read_bytes() == before
 
 
-def test_iidfile_that_exists_is_rewritten_with_the_new_image_id(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_iidfile_that_exists_is_rewritten_with_the_new_image_id(
+    sample_storage: tuple[Path, str], tmp_path: Path
+) -> None:
+    root, cid = sample_storage
     archive, iidfile = tmp_path / "img.tar", tmp_path / "iid"
     iidfile.write_text("sha256:" + "0" * 64)
     args = commit_args(root, tmp_path, "--id", cid, "--output", str(archive), "--iidfile", str(iidfile))
@@ -143,8 +123,8 @@ def test_iidfile_that_exists_is_rewritten_with_the_new_image_id(storage: tuple[P
     assert iidfile.stat().st_mtime_ns == before
 
 
-def test_a_name_wins_over_an_id_prefix_as_in_docker(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_a_name_wins_over_an_id_prefix_as_in_docker(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = sample_storage
     other = "c2" + "7" * 62
     for part in ("containers", "overlay2"):
         subprocess.run(["cp", "-a", str(root / part / cid), str(root / part / other)], check=True)
@@ -154,14 +134,14 @@ def test_a_name_wins_over_an_id_prefix_as_in_docker(storage: tuple[Path, str], t
     archive = tmp_path / "img.tar"
     result = run_luigi(*commit_args(root, tmp_path, "--id", "c2", "--output", str(archive)))
     assert result.returncode == 0, result.stderr
-    assert _config(archive)["container"] == cid  # the container named c2, not the one whose id starts c2
+    assert read_archive_config(archive)["container"] == cid  # the container named c2, not the one whose id starts c2
     archive.unlink()
     assert run_luigi(*commit_args(root, tmp_path, "--id", "c27", "--output", str(archive))).returncode == 0
-    assert _config(archive)["container"] == other  # a unique prefix still works
+    assert read_archive_config(archive)["container"] == other  # a unique prefix still works
 
 
-def test_image_layer_rebuilt_in_place_is_packed_again(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_image_layer_rebuilt_in_place_is_packed_again(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = sample_storage
     archive = tmp_path / "img.tar"
     args = commit_args(root, tmp_path, "--id", cid, "--output", str(archive))
     assert run_luigi(*args).returncode == 0
@@ -179,8 +159,10 @@ def test_image_layer_rebuilt_in_place_is_packed_again(storage: tuple[Path, str],
 
 
 @needs_registry
-def test_push_after_the_container_changed_pushes_its_present_state(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_push_after_the_container_changed_pushes_its_present_state(
+    sample_storage: tuple[Path, str], tmp_path: Path
+) -> None:
+    root, cid = sample_storage
     with serve_registry(tmp_path / "registry") as server:
         reference = f"{server.host}/web:1"
         args = ["PushImage", "--id", cid, "--image", reference, "--storage-root", str(root)]
@@ -226,8 +208,8 @@ def _orphan_archives(work: Path) -> set[Path]:
     return on_disk - {Path(r.archive) for r in read_records(work / "out")}
 
 
-def test_snapshot_resumed_after_a_kill_keeps_its_own_archive(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, _ = storage
+def test_snapshot_resumed_after_a_kill_keeps_its_own_archive(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, _ = sample_storage
     killed = _snapshot(root, tmp_path, "2026-11-28T0500", env={"PIPELINE_FAILPOINTS": "snapshot:record@1"})
     assert killed.returncode == -9, killed.stderr
     # Meanwhile an earlier period's run snapshots the same, unchanged container.
@@ -240,8 +222,10 @@ def test_snapshot_resumed_after_a_kill_keeps_its_own_archive(storage: tuple[Path
     assert _orphan_archives(tmp_path) == set()
 
 
-def test_overlapping_snapshot_runs_each_record_their_own_snapshot(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, _ = storage
+def test_overlapping_snapshot_runs_each_record_their_own_snapshot(
+    sample_storage: tuple[Path, str], tmp_path: Path
+) -> None:
+    root, _ = sample_storage
     command = [sys.executable, "-m", "luigi", "--module", "pipeline", "SnapshotAll", "--storage-root", str(root)]
     command += ["--commit-output-dir", str(tmp_path / "out"), "--commit-cache-dir", str(tmp_path / "cache")]
     command += ["--keep", "1", "--local-scheduler"]
@@ -260,8 +244,8 @@ def test_overlapping_snapshot_runs_each_record_their_own_snapshot(storage: tuple
     assert _orphan_archives(tmp_path) == set()
 
 
-def test_snapshots_of_two_storages_in_one_period_are_two_runs(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_snapshots_of_two_storages_in_one_period_are_two_runs(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = sample_storage
     second_root = tmp_path / "second"
     subprocess.run(["cp", "-a", str(root), str(second_root)], check=True)
     other = "9" * 64
@@ -277,9 +261,9 @@ def test_snapshots_of_two_storages_in_one_period_are_two_runs(storage: tuple[Pat
 
 
 def test_lost_layer_records_are_packed_again_without_changing_the_image(
-    storage: tuple[Path, str], tmp_path: Path
+    sample_storage: tuple[Path, str], tmp_path: Path
 ) -> None:
-    root, cid = storage
+    root, cid = sample_storage
     archive, iidfile = tmp_path / "img.tar", tmp_path / "iid"
     args = commit_args(root, tmp_path, "--id", cid, "--output", str(archive), "--iidfile", str(iidfile))
     assert run_luigi(*args).returncode == 0

@@ -23,19 +23,10 @@ from tests.cli import commit_args, error_lines, run_luigi
 from tests.conftest import needs_tools
 from tests.docker_storage import DockerStorage as BuiltDockerStorage
 from tests.docker_storage import build_docker_storage
-from tests.imagecheck import check_image_archive, read_archive_manifest
+from tests.imagecheck import check_image_archive, read_archive_config, read_archive_manifest
 from tests.overlay_storage import requires_root_reason
 
 needs_overlay = pytest.mark.skipif(requires_root_reason() is not None, reason=str(requires_root_reason()))
-
-
-def _config(archive: Path) -> dict[str, Any]:
-    manifest = read_archive_manifest(archive)
-    with tarfile.open(archive) as tar:
-        member = tar.extractfile(manifest["Config"])
-        assert member is not None
-        config: dict[str, Any] = json.load(member)
-    return config
 
 
 # --- dockerd's layout with real overlay mounts ------------------------------------------------------------------
@@ -68,7 +59,7 @@ def test_config_carries_the_containers_settings_and_the_base_images_platform(
     archive = tmp_path / "web.tar"
     args = commit_args(docker.root, tmp_path, "--id", docker.container_id[:8], "--storage-engine", "docker")
     assert run_luigi(*args, "--output", str(archive)).returncode == 0
-    config = _config(archive)
+    config = read_archive_config(archive)
     container = json.loads((docker.root / "containers" / docker.container_id / "config.v2.json").read_bytes())
     for key in ("Cmd", "Env", "Entrypoint", "WorkingDir", "User", "Labels", "ExposedPorts", "StopSignal"):
         assert config["config"][key] == container["Config"][key], key
@@ -292,7 +283,7 @@ def test_command_line_commits_the_hand_made_layout_without_the_init_layer(storag
         *commit_args(storage, tmp_path, "--id", "api", "--storage-engine", "docker", "--output", str(archive))
     )
     assert result.returncode == 0, result.stderr
-    config = _config(archive)
+    config = read_archive_config(archive)
     assert config["architecture"] == "arm64" and config["config"]["Cmd"] == ["serve"]
     assert read_archive_manifest(archive)["RepoTags"] == ["api:latest"]
     with tarfile.open(archive) as outer:

@@ -12,7 +12,6 @@ import shutil
 import sqlite3
 import stat
 import struct
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,13 @@ from pipeline.errors import ContainerNotFound, StorageError
 from tests.boltdb_file import PAGE_HEADER, build_bolt_file, meta_offset
 from tests.cli import commit_args, error_lines, run_luigi, tree_fingerprint
 from tests.conftest import needs_tools
-from tests.imagecheck import check_image_archive, compare_trees, read_archive_manifest, unpack_layers_with_python
+from tests.imagecheck import (
+    check_image_archive,
+    compare_trees,
+    read_archive_config,
+    read_archive_manifest,
+    unpack_layers_with_python,
+)
 from tests.overlay_storage import read_tree, requires_root_reason
 from tests.podman_storage import CONTAINER_CMD, build_podman_storage
 from tests.podman_storage import PodmanStorage as RealPodmanStorage
@@ -45,15 +50,6 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealPodmanStora
         yield storage
     finally:
         shutil.rmtree(storage.runroot, ignore_errors=True)
-
-
-def _config(archive: Path) -> dict[str, Any]:
-    manifest = read_archive_manifest(archive)
-    with tarfile.open(archive) as tar:
-        member = tar.extractfile(manifest["Config"])
-        assert member is not None
-        config: dict[str, Any] = json.load(member)
-    return config
 
 
 def _commit(podman: RealPodmanStorage, work: Path, id_text: str, *extra: str) -> Path:
@@ -87,8 +83,8 @@ def test_root_filesystem_and_layer_count_equal_podman_commit_and_save(
 @needs_overlay
 @needs_podman
 def test_config_equals_what_podman_commit_writes(podman: RealPodmanStorage, tmp_path: Path) -> None:
-    ours = _config(_commit(podman, tmp_path, "web"))["config"]
-    theirs = _config(podman.podman_archive)["config"]
+    ours = read_archive_config(_commit(podman, tmp_path, "web"))["config"]
+    theirs = read_archive_config(podman.podman_archive)["config"]
     for key in ("Cmd", "Entrypoint", "Env", "WorkingDir", "User", "Labels", "ExposedPorts"):
         assert ours.get(key) == theirs.get(key), key
     assert ours["Cmd"] == CONTAINER_CMD and ours["WorkingDir"] == "/srv"
@@ -98,8 +94,8 @@ def test_config_equals_what_podman_commit_writes(podman: RealPodmanStorage, tmp_
 @needs_overlay
 @needs_podman
 def test_base_layer_diff_id_equals_podmans(podman: RealPodmanStorage, tmp_path: Path) -> None:
-    ours = _config(_commit(podman, tmp_path, "web"))["rootfs"]["diff_ids"]
-    theirs = _config(podman.podman_archive)["rootfs"]["diff_ids"]
+    ours = read_archive_config(_commit(podman, tmp_path, "web"))["rootfs"]["diff_ids"]
+    theirs = read_archive_config(podman.podman_archive)["rootfs"]["diff_ids"]
     assert ours[0] == theirs[0]
 
 
@@ -448,7 +444,7 @@ def test_command_line_commits_hand_made_storage_with_libpod_settings(storage: Pa
     args = commit_args(storage, tmp_path, "--id", "app", "--storage-engine", "podman", "--output", str(archive))
     result = run_luigi(*args)
     assert result.returncode == 0, result.stderr
-    config = _config(archive)
+    config = read_archive_config(archive)
     assert config["config"]["Cmd"] == ["serve", "--port", "80"] and config["architecture"] == "amd64"
     assert read_archive_manifest(archive)["RepoTags"] == ["app:latest"]
 

@@ -10,22 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo import build_sample_storage
 from tests.cli import REPO, commit_args, error_lines, run_luigi, tree_fingerprint
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    root = tmp_path_factory.mktemp("pristine") / "storage"
-    return root, build_sample_storage(root)
-
-
-@pytest.fixture
-def storage(pristine: tuple[Path, str], tmp_path: Path) -> tuple[Path, str]:
-    root = tmp_path / "storage"
-    # cp -a keeps what copytree cannot: whiteout devices and trusted.* xattrs.
-    subprocess.run(["cp", "-a", str(pristine[0]), str(root)], check=True)
-    return root, pristine[1]
 
 
 def _members(archive: Path) -> list[str]:
@@ -33,8 +18,10 @@ def _members(archive: Path) -> list[str]:
         return tar.getnames()
 
 
-def test_commit_by_prefix_writes_archive_named_after_the_container(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_commit_by_prefix_writes_archive_named_after_the_container(
+    sample_storage: tuple[Path, str], tmp_path: Path
+) -> None:
+    root, cid = sample_storage
     result = run_luigi(*commit_args(root, tmp_path, "--id", cid[:6]))
     assert result.returncode == 0, result.stderr
     archive = tmp_path / "out" / "demo-web_latest.tar"
@@ -49,9 +36,9 @@ def test_commit_by_prefix_writes_archive_named_after_the_container(storage: tupl
 
 
 def test_rerun_with_same_parameters_runs_nothing_and_rewrites_nothing(
-    storage: tuple[Path, str], tmp_path: Path
+    sample_storage: tuple[Path, str], tmp_path: Path
 ) -> None:
-    root, cid = storage
+    root, cid = sample_storage
     args = commit_args(root, tmp_path, "--id", cid, "--image", "again:1")
     assert run_luigi(*args).returncode == 0
     archive = tmp_path / "out" / "again_1.tar"
@@ -64,9 +51,9 @@ def test_rerun_with_same_parameters_runs_nothing_and_rewrites_nothing(
 
 
 def test_layers_are_packed_once_per_content_and_reused_by_a_later_commit(
-    storage: tuple[Path, str], tmp_path: Path
+    sample_storage: tuple[Path, str], tmp_path: Path
 ) -> None:
-    root, cid = storage
+    root, cid = sample_storage
     first = run_luigi(*commit_args(root, tmp_path, "--id", cid, "--image", "one"))
     second = run_luigi(*commit_args(root, tmp_path, "--id", cid, "--image", "two"))
     assert first.returncode == second.returncode == 0
@@ -77,8 +64,8 @@ def test_layers_are_packed_once_per_content_and_reused_by_a_later_commit(
     assert _members(tmp_path / "out" / "one_latest.tar")[:4] == _members(tmp_path / "out" / "two_latest.tar")[:4]
 
 
-def test_source_date_epoch_makes_fresh_runs_byte_identical(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_source_date_epoch_makes_fresh_runs_byte_identical(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = sample_storage
     env = {"SOURCE_DATE_EPOCH": "1700000000"}
     outputs = []
     for run in ("a", "b"):
@@ -89,8 +76,8 @@ def test_source_date_epoch_makes_fresh_runs_byte_identical(storage: tuple[Path, 
     assert outputs[0] == outputs[1]
 
 
-def test_deleted_intermediate_target_is_rebuilt_alone(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_deleted_intermediate_target_is_rebuilt_alone(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = sample_storage
     args = commit_args(root, tmp_path, "--id", cid, "--output", str(tmp_path / "img.tar"))
     assert run_luigi(*args).returncode == 0
     (tmp_path / "img.tar").unlink()
@@ -111,8 +98,10 @@ def _assert_refused(result: subprocess.CompletedProcess[str], *needles: str) -> 
 
 
 @pytest.mark.parametrize("bad_id", ["../../etc", "/etc/passwd", "a/b", "..", "", "a\x01b"])
-def test_id_that_is_not_a_container_id_is_refused(storage: tuple[Path, str], tmp_path: Path, bad_id: str) -> None:
-    root, _ = storage
+def test_id_that_is_not_a_container_id_is_refused(
+    sample_storage: tuple[Path, str], tmp_path: Path, bad_id: str
+) -> None:
+    root, _ = sample_storage
     before = tree_fingerprint(root)
     result = run_luigi(*commit_args(root, tmp_path, "--id", bad_id))
     _assert_refused(result, "id")
@@ -120,13 +109,13 @@ def test_id_that_is_not_a_container_id_is_refused(storage: tuple[Path, str], tmp
     assert tree_fingerprint(root) == before
 
 
-def test_unknown_id_lists_the_known_containers(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_unknown_id_lists_the_known_containers(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = sample_storage
     _assert_refused(run_luigi(*commit_args(root, tmp_path, "--id", "ffff")), "no container matches 'ffff'", cid[:12])
 
 
-def test_ambiguous_prefix_lists_the_candidates(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_ambiguous_prefix_lists_the_candidates(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = sample_storage
     twin = cid[:4] + "0" * 60
     for part in ("containers", "overlay2"):
         subprocess.run(["cp", "-a", str(root / part / cid), str(root / part / twin)], check=True)
@@ -134,22 +123,24 @@ def test_ambiguous_prefix_lists_the_candidates(storage: tuple[Path, str], tmp_pa
     _assert_refused(result, "ambiguous", cid[:16], twin[:16])
 
 
-def test_invalid_image_reference_is_refused(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_invalid_image_reference_is_refused(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = sample_storage
     _assert_refused(run_luigi(*commit_args(root, tmp_path, "--id", cid, "--image", "Bad:Ref")), "Bad:Ref")
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
-def test_missing_diff_dir_is_refused_naming_the_layer(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_missing_diff_dir_is_refused_naming_the_layer(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = sample_storage
     shutil.rmtree(root / "overlay2" / cid / "diff")
     _assert_refused(run_luigi(*commit_args(root, tmp_path, "--id", cid)), f"{cid}/diff", "no diff/ directory")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("lower", ["../../etc", "abc", "x/diff:../../../etc/diff", "/abs/diff"])
-def test_malformed_or_escaping_lower_file_is_refused(storage: tuple[Path, str], tmp_path: Path, lower: str) -> None:
-    root, cid = storage
+def test_malformed_or_escaping_lower_file_is_refused(
+    sample_storage: tuple[Path, str], tmp_path: Path, lower: str
+) -> None:
+    root, cid = sample_storage
     (root / "overlay2" / cid / "lower").write_text(lower)
     before = tree_fingerprint(root)
     _assert_refused(run_luigi(*commit_args(root, tmp_path, "--id", cid)), "lower")
@@ -157,8 +148,8 @@ def test_malformed_or_escaping_lower_file_is_refused(storage: tuple[Path, str], 
     assert not (tmp_path / "out").exists()
 
 
-def test_diff_symlinked_out_of_the_storage_root_is_refused(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_diff_symlinked_out_of_the_storage_root_is_refused(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = sample_storage
     diff = root / "overlay2" / cid / "diff"
     shutil.rmtree(diff)
     (tmp_path / "elsewhere").mkdir()
@@ -166,22 +157,22 @@ def test_diff_symlinked_out_of_the_storage_root_is_refused(storage: tuple[Path, 
     _assert_refused(run_luigi(*commit_args(root, tmp_path, "--id", cid)), "outside the storage root")
 
 
-def test_malformed_container_config_is_refused(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_malformed_container_config_is_refused(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = sample_storage
     (root / "containers" / cid / "config.json").write_text('{"ID": "x", "Config": ')
     _assert_refused(run_luigi(*commit_args(root, tmp_path, "--id", cid)), "config.json", "malformed JSON")
 
 
-def test_unwritable_output_location_is_refused_before_packing(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_unwritable_output_location_is_refused_before_packing(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = sample_storage
     (tmp_path / "file").write_text("not a directory")
     result = run_luigi(*commit_args(root, tmp_path, "--id", cid, "--output", str(tmp_path / "file" / "img.tar")))
     _assert_refused(result, str(tmp_path / "file"))
     assert not (tmp_path / "cache").exists()
 
 
-def test_failed_commit_leaves_no_partial_files(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_failed_commit_leaves_no_partial_files(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
+    root, cid = sample_storage
     (root / "overlay2" / cid / "diff" / ".wh.sneaky").write_text("looks like a whiteout")
     before = tree_fingerprint(root)
     result = run_luigi(*commit_args(root, tmp_path, "--id", cid))
@@ -205,8 +196,10 @@ def test_demo_builds_storage_and_commits_a_loadable_archive(tmp_path: Path) -> N
         assert len(json.loads(inspect.stdout)["Layers"]) == 2
 
 
-def test_rocker_bind_mounts_listed_as_volumes_are_not_image_volumes(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_rocker_bind_mounts_listed_as_volumes_are_not_image_volumes(
+    sample_storage: tuple[Path, str], tmp_path: Path
+) -> None:
+    root, cid = sample_storage
     path = root / "containers" / cid / "config.json"
     doc = json.loads(path.read_text())
     doc["Config"]["Volumes"] = ["/srv/data:/data", "/var/log/app:/logs"]  # rocker's -v HOST:CONTAINER list
@@ -220,8 +213,10 @@ def test_rocker_bind_mounts_listed_as_volumes_are_not_image_volumes(storage: tup
     assert not config["config"].get("Volumes")
 
 
-def test_author_that_is_not_utf8_is_one_error_line_before_packing(storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = storage
+def test_author_that_is_not_utf8_is_one_error_line_before_packing(
+    sample_storage: tuple[Path, str], tmp_path: Path
+) -> None:
+    root, cid = sample_storage
     command = [sys.executable, "-m", "luigi", "--module", "pipeline"]
     command += [os.fsdecode(a) for a in commit_args(root, tmp_path, "--id", cid)]
     command += ["--author", os.fsdecode(b"bad \xff author"), "--local-scheduler"]
