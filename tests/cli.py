@@ -6,6 +6,7 @@ import resource
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,3 +109,25 @@ def _hash_entry(h: "hashlib._Hash", rel: bytes, st: os.stat_result, xattrs_of: i
     follow = isinstance(xattrs_of, int)  # an fd is the entry itself
     for attr in sorted(os.listxattr(xattrs_of, follow_symlinks=follow)):
         h.update(attr.encode() + os.getxattr(xattrs_of, attr, follow_symlinks=follow))
+
+
+# The failpoint reached just before the container's own layer is packed (inside the pause, if any).
+CONTAINER_LAYER_PACK = "pack:PackContainerLayer@1"
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP), as /proc/<pid>/stat says."""
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "T"
+
+
+def start_commit_stopped_at_container_layer(args: list[str]) -> subprocess.Popen[str]:
+    """`luigi --module pipeline ARGS`, SIGSTOPped where the container's layer is about to be packed; the caller
+    resumes it with SIGCONT and waits for it."""
+    env = os.environ | {"PIPELINE_FAILPOINTS": f"{CONTAINER_LAYER_PACK}:stop"}
+    command = [sys.executable, "-m", "luigi", "--module", "pipeline", *args, "--local-scheduler"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not is_stopped(process.pid):
+        assert process.poll() is None and time.monotonic() < deadline, "the commit never reached the container layer"
+        time.sleep(0.01)
+    return process

@@ -13,9 +13,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +22,15 @@ from pipeline.demo import build_sample_storage
 from pipeline.engines.rocker import RockerStorage
 from pipeline.freezer import Freezer, container_cgroup_names, find_freezer, locate_freezer, paused
 from tests.cgroups import VERSIONS, Cgroup, FreezerWatch, grows
-from tests.cli import REPO, commit_args, run_luigi
+from tests.cli import (
+    CONTAINER_LAYER_PACK,
+    commit_args,
+    run_luigi,
+    start_commit_stopped_at_container_layer,
+)
 from tests.dockerd import Dockerd, needs_docker
 
 # Reached inside the pause, just before the container's own layer is packed.
-CONTAINER_LAYER_PACK = "pack:PackContainerLayer@1"
 DEMO_CONTAINER_ID = hashlib.sha256(b"pipeline demo container").hexdigest()  # the id pipeline.demo gives it
 
 
@@ -44,22 +45,6 @@ def _storage(tmp_path: Path, state: dict[str, Any]) -> tuple[Path, str]:
     return root, cid
 
 
-def _stopped(pid: int) -> bool:
-    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "T"
-
-
-def _commit_stopped_inside_the_pause(args: list[str]) -> subprocess.Popen[str]:
-    """The commit, SIGSTOPped where the container's layer is about to be packed: inside the pause, if any."""
-    env = os.environ | {"PIPELINE_FAILPOINTS": f"{CONTAINER_LAYER_PACK}:stop"}
-    command = [sys.executable, "-m", "luigi", "--module", "pipeline", *args, "--local-scheduler"]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not _stopped(process.pid):
-        assert process.poll() is None and time.monotonic() < deadline, "the commit never reached the container layer"
-        time.sleep(0.01)
-    return process
-
-
 def _freezer_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "pipeline.freezer" in line or "container demo-web" in line]
 
@@ -71,7 +56,7 @@ def test_commit_never_freezes_an_unrelated_process_given_as_the_containers_pid(c
     unrelated = cgroup.start_counter(counter)
     root, cid = _storage(tmp_path, {"Running": True, "Pid": unrelated.pid})
     with FreezerWatch(cgroup) as watch:
-        commit = _commit_stopped_inside_the_pause(commit_args(root, tmp_path, "--id", cid))
+        commit = start_commit_stopped_at_container_layer(commit_args(root, tmp_path, "--id", cid))
         try:
             assert cgroup.freezer_state() == "THAWED"
             assert grows(counter)
@@ -107,7 +92,7 @@ def test_commit_of_a_container_paused_before_leaves_it_paused(
     container.freeze_directly()
     root, cid = _storage(tmp_path, recorded | {"Pid": process.pid})
     with FreezerWatch(container) as watch:
-        commit = _commit_stopped_inside_the_pause(commit_args(root, tmp_path, "--id", cid))
+        commit = start_commit_stopped_at_container_layer(commit_args(root, tmp_path, "--id", cid))
         try:
             assert container.freezer_state() == "FROZEN"
         finally:

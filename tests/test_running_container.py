@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,14 @@ import pytest
 from pipeline.demo import build_sample_storage
 from pipeline.freezer import Freezer
 from tests.cgroups import VERSIONS, Cgroup, grows
-from tests.cli import REPO, commit_args, run_luigi
+from tests.cli import (
+    CONTAINER_LAYER_PACK,
+    REPO,
+    commit_args,
+    run_luigi,
+    start_commit_stopped_at_container_layer,
+)
 
-# Reached inside the pause, just before the container's own layer is packed.
-CONTAINER_LAYER_PACK = "pack:PackContainerLayer@1"
 # The id pipeline.demo gives its container: only a cgroup named after it is ever frozen (pipeline.freezer).
 DEMO_CONTAINER_ID = hashlib.sha256(b"pipeline demo container").hexdigest()
 
@@ -33,28 +36,13 @@ def _running_storage(tmp_path: Path, pid: int) -> tuple[Path, str]:
     return root, cid
 
 
-def _stopped(pid: int) -> bool:
-    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "T"
-
-
-def _commit_stopped_while_packing(args: list[str]) -> subprocess.Popen[str]:
-    env = os.environ | {"PIPELINE_FAILPOINTS": f"{CONTAINER_LAYER_PACK}:stop"}
-    command = [sys.executable, "-m", "luigi", "--module", "pipeline", *args, "--local-scheduler"]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not _stopped(process.pid):
-        assert process.poll() is None and time.monotonic() < deadline, "the commit never reached the container layer"
-        time.sleep(0.01)
-    return process
-
-
 @pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
 def test_running_container_is_frozen_while_its_layer_is_packed(cgroup: Cgroup, tmp_path: Path) -> None:
     cgroup = cgroup.child(DEMO_CONTAINER_ID)  # the container's own cgroup, as docker's /docker/<id>
     counter = tmp_path / "counter"
     container = cgroup.start_counter(counter)
     root, cid = _running_storage(tmp_path, container.pid)
-    commit = _commit_stopped_while_packing(commit_args(root, tmp_path, "--id", cid))
+    commit = start_commit_stopped_at_container_layer(commit_args(root, tmp_path, "--id", cid))
     try:
         assert Freezer(cgroup.path, cgroup.version).is_frozen()
         assert not grows(counter)
@@ -73,7 +61,7 @@ def test_pause_false_leaves_the_container_running(cgroup: Cgroup, tmp_path: Path
     counter = tmp_path / "counter"
     container = cgroup.start_counter(counter)
     root, cid = _running_storage(tmp_path, container.pid)
-    commit = _commit_stopped_while_packing(commit_args(root, tmp_path, "--id", cid, "--pause", "false"))
+    commit = start_commit_stopped_at_container_layer(commit_args(root, tmp_path, "--id", cid, "--pause", "false"))
     try:
         assert not Freezer(cgroup.path, cgroup.version).is_frozen()
         assert grows(counter)
