@@ -1,4 +1,4 @@
-"""Measures compressing layer tars: ours (pipeline.compression.compress_blob) against pigz -p2 and zstd -T2.
+"""Measures compressing layer tars: ours (pipeline.store.compression.compress_blob) against pigz -p2 and zstd -T2.
 
 Inputs, both GNU `tar -cf` output, each placed in a layer cache the way LayerCache.pack_layer leaves a blob:
 
@@ -57,8 +57,8 @@ from typing import TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import commit_benchmark as cb  # noqa: E402 - a sibling script, importable once its directory is on sys.path
 
-from pipeline.compression import compress_blob, library_version, mapping_path  # noqa: E402
-from pipeline.layer import LayerRecord  # noqa: E402
+from pipeline.layer.writer import LayerRecord  # noqa: E402
+from pipeline.store.compression import compress_blob, library_version, mapping_path  # noqa: E402
 
 MB = cb.MB
 T = TypeVar("T")

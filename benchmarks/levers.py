@@ -3,15 +3,15 @@
 The levers (from the performance issue), each measured as "the product's choice" (marked * in the table, ratio 1.00)
 against the alternatives, on commit_benchmark's scale-1 storage (built with its builder when missing):
 
-1. The layer tar writer: pipeline.layer.write_layer vs Python's tarfile (PAX_FORMAT, numeric owner, the same
+1. The layer tar writer: pipeline.layer.writer.write_layer vs Python's tarfile (PAX_FORMAT, numeric owner, the same
    sorted walk, hashing its output stream) vs `tar --sort=name --numeric-owner -cf - . | sha256sum`, on the base
    layer (~11,000 files, ~300 MB) and on a tree of 1,500 small files made here. Output goes to /dev/null (ours and
    tarfile through the same 1 MiB buffered file the cache uses), so only packing and hashing are timed. Two
    reference rows ("ref:") show write_layer and GNU tar without any hashing (tar piped to cat).
 2. Hash while writing (write_layer's single pass) vs write the tar, then re-read it and hash it (two passes), on
-   the base layer into a real file, fsync'd as pipeline.cache does; the re-read either hits the page cache (the
+   the base layer into a real file, fsync'd as pipeline.store.cache does; the re-read either hits the page cache (the
    best case for two passes) or, after posix_fadvise(DONTNEED), the disk (a layer larger than free memory).
-3. The copy buffer: readinto with 64 KiB vs 1 MiB (pipeline.layer._CHUNK) vs 8 MiB, base layer into a real file.
+3. The copy buffer: readinto with 64 KiB vs 1 MiB (pipeline.layer.writer._CHUNK) vs 8 MiB, base layer into a real file.
 4. Per-entry user/group name lookups (pwd/grp, what tarfile does by default) vs numeric ids only, with tarfile on
    the base layer (write_layer never looks names up).
 5. Archive assembly: pipeline.archive.write_image_archive copying the three cached layer blobs (~512 MB) with
@@ -59,10 +59,11 @@ from functools import partial
 from pathlib import Path
 from typing import IO, BinaryIO, cast
 
-from pipeline import archive, layer
+from pipeline import archive
 from pipeline.archive import Member, write_image_archive
-from pipeline.cache import LayerCache
-from pipeline.layer import LayerRecord, write_layer
+from pipeline.layer import writer as layer
+from pipeline.layer.writer import LayerRecord, write_layer
+from pipeline.store.cache import LayerCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import commit_benchmark as cb  # noqa: E402 - a sibling script, importable once its directory is on sys.path
@@ -70,7 +71,7 @@ import commit_benchmark as cb  # noqa: E402 - a sibling script, importable once 
 MB = cb.MB
 MIB = 1 << 20
 GIB = 1 << 30
-BUFFER = 1 << 20  # the output buffering pipeline.cache uses for layer blobs
+BUFFER = 1 << 20  # the output buffering pipeline.store.cache uses for layer blobs
 WIN = 0.90  # an alternative at or below this ratio to the product's choice is reported as a win
 REF = "ref: "  # a reference row (the cost without hashing), never counted as an alternative
 
@@ -312,7 +313,7 @@ def pack_ours(tree: Path, dest: Path) -> Outcome:
 
 
 class _PlainSink:
-    """pipeline.layer's hashing sink without the hash, for the two-pass and hash-off variants."""
+    """pipeline.layer.writer's hashing sink without the hash, for the two-pass and hash-off variants."""
 
     def __init__(self, out: BinaryIO) -> None:
         self._out = out
@@ -327,7 +328,7 @@ class _PlainSink:
 
 
 def pack_durably(tree: Path, dest: Path) -> Outcome:
-    """write_layer into dest, flushed and fsync'd as pipeline.cache does."""
+    """write_layer into dest, flushed and fsync'd as pipeline.store.cache does."""
     with open(dest, "wb", buffering=BUFFER) as f:
         record = write_layer(tree, f)
         f.flush()
@@ -340,7 +341,7 @@ def sink_name() -> str:
     for name in ("HashingSink", "_HashingSink"):  # renamed while this script was written; accept either
         if isinstance(getattr(layer, name, None), type):
             return name
-    raise BenchmarkError("pipeline.layer has no HashingSink class any more; update sink_name() in this script")
+    raise BenchmarkError("pipeline.layer.writer has no HashingSink class any more; update sink_name() in this script")
 
 
 def pack_two_passes(tree: Path, dest: Path, *, from_disk: bool) -> Outcome:
@@ -590,7 +591,7 @@ def lever_writers(place: Place, repeat: int, base: Path, small: Path, base_tar: 
         (f"1b writer: {SMALL_FILES:,} small files", small, small_tar, 10),
     ):
         variants = [
-            Variant("pipeline.layer.write_layer", partial(pack_ours, tree, null), nbytes),
+            Variant("pipeline.layer.writer.write_layer", partial(pack_ours, tree, null), nbytes),
             Variant("tarfile PAX, numeric, same walk", partial(pack_tarfile, tree, null, name_lookups=False), nbytes),
             Variant("GNU tar | sha256sum", partial(pack_gnu_tar, tree), nbytes),
             # References, not alternatives: what each writer costs without any hashing.

@@ -2,7 +2,8 @@
 
 import sys
 
-from pipeline import catalog, cli, demo, freezer
+from pipeline import catalog, cli, demo
+from pipeline.host import freezer
 
 COMMANDS = {"demo": demo.main, "run": cli.main, "snapshots": catalog.main, "thaw": freezer.main}
 

@@ -9,8 +9,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import failpoint, tarheader
-from pipeline.tarheader import Header
+from pipeline.host import failpoint
+from pipeline.layer import tarheader
+from pipeline.layer.tarheader import Header
 
 _COPY_CHUNK = 1 << 20
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import jsoncheck
-from pipeline.atomic import make_dirs, write_bytes_atomic
 from pipeline.errors import StorageError
+from pipeline.host.atomic import make_dirs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

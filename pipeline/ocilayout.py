@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import fsync_dir, make_dirs
-from pipeline.compression import CompressedBlob
+from pipeline.host.atomic import fsync_dir, make_dirs
 from pipeline.imageconfig import digest_of, encode_json
 from pipeline.manifest import blob_name
 from pipeline.reference import Reference
+from pipeline.store.compression import CompressedBlob
 
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"

@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import jsoncheck
-from pipeline.atomic import make_dirs, write_bytes_atomic
-from pipeline.cache import LayerCache
-from pipeline.compression import compress_blob, default_level
 from pipeline.errors import InvalidReference, OutputError, RegistryError
+from pipeline.host.atomic import make_dirs, write_bytes_atomic
 from pipeline.imageconfig import digest_of, encode_json
-from pipeline.layer import LayerRecord
+from pipeline.layer.writer import LayerRecord
 from pipeline.ocilayout import CONFIG_MEDIA_TYPE
 from pipeline.ocilayout import build_image_manifest as build_manifest_doc
 from pipeline.reference import Reference, parse_reference
 from pipeline.registry import Blob, Registry
+from pipeline.store.cache import LayerCache
+from pipeline.store.compression import compress_blob, default_level
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ SAMPLE_INTERVAL = 0.2  # 20 counter lines at the child's pace: long enough to se
 
 
 def cgroup_mount(version: int) -> Path | None:
-    """Where the hierarchy's root is mounted; parsed here, not by pipeline.freezer, so a bug there cannot hide."""
+    """Where the hierarchy's root is mounted; parsed here, not by pipeline.host.freezer, so a bug there cannot hide."""
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         head, _, tail = line.partition(" - ")
         fields, fs = head.split(), tail.split()
@@ -107,7 +107,7 @@ class Cgroup:
         return process
 
     def freeze_directly(self) -> None:
-        """Freeze the cgroup as an engine's pause does, not through pipeline.freezer; wait until it is frozen."""
+        """Freeze the cgroup as an engine's pause does, not through pipeline.host.freezer; wait until it is frozen."""
         control, value = ("freezer.state", "FROZEN") if self.version == 1 else ("cgroup.freeze", "1")
         with open(self.path / control, "w") as f:
             f.write(value)
@@ -117,7 +117,7 @@ class Cgroup:
             time.sleep(0.01)
 
     def freezer_state(self) -> str:
-        """FROZEN, FREEZING or THAWED, read from the kernel's files here, not through pipeline.freezer."""
+        """FROZEN, FREEZING or THAWED, read from the kernel's files here, not through pipeline.host.freezer."""
         if self.version == 1:
             return (self.path / "freezer.state").read_text().strip()
         if "frozen 1" in (self.path / "cgroup.events").read_text().splitlines():

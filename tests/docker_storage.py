@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.layer import write_layer
+from pipeline.layer.writer import write_layer
 from tests.overlay_storage import (
     CONTAINER_CMD,
     CONTAINER_ENV,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import LayerCache
 from pipeline.commit import pack_image_layer
 from pipeline.container import Layer
+from pipeline.store.cache import LayerCache
 from tests.tarsplit_records import disassemble, write_tar_split
 
 
@@ -52,7 +52,7 @@ def test_changed_files_fall_back_to_packing_with_a_warning(
     tar_split, diff_id = _original(layer_dir, tmp_path)
     (layer_dir / "etc" / "os-release").write_text("NAME=edit\n")  # same size, other bytes
     cache = LayerCache(tmp_path / "cache")
-    with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.store.cache"):
         record = pack_image_layer(cache, Layer("base", layer_dir, tar_split, diff_id), clamp_mtime=None, report=_report)
     assert record.diff_id != diff_id and cache.has_blob(record)
     assert "packing the directory instead" in caplog.text and "os-release" in caplog.text

@@ -46,7 +46,7 @@ NAME = "sm-web"  # the container's name, which --id is given
 IMAGE = "sm/c:latest"  # the archive's RepoTags, and what podman knows the loaded image by
 PUSH_REPOSITORY, PUSH_TAG = "sm/c", "latest"
 RAN = " ran successfully"  # luigi's summary line for tasks that ran; absent when every target was complete
-# Where a run may be SIGKILLed (pipeline/failpoint.py; `grep -rn 'failpoint.reached(' pipeline/`), and up to which
+# Where a run may be SIGKILLed (pipeline/host/failpoint.py; `grep -rn 'failpoint.reached(' pipeline/`), and up to which
 # hit: a commit of a changed container packs one layer, but writes about six small files atomically.
 FAILPOINTS = {
     "pack:started": 1,

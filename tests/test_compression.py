@@ -16,10 +16,10 @@ from typing import Any, BinaryIO
 import pytest
 import zstandard
 
-from pipeline import compression
-from pipeline.compression import CompressedBlob, compress_blob, default_level, mapping_path, write_compressed
 from pipeline.errors import LayerError, OutputError, PipelineError
-from pipeline.layer import LayerRecord
+from pipeline.layer.writer import LayerRecord
+from pipeline.store import compression
+from pipeline.store.compression import CompressedBlob, compress_blob, default_level, mapping_path, write_compressed
 
 # gzip 0 is zlib's stored mode, 1-3 ISA-L's levels, 4-9 zlib's; each backend writes its own header.
 SETTINGS = [("gzip", 0), ("gzip", 1), ("gzip", 3), ("gzip", 6), ("zstd", 1), ("zstd", 3)]

@@ -89,7 +89,7 @@ def test_two_commits_of_one_container_at_once_both_succeed_and_pack_each_layer_o
         if second is None:
             first.kill()
     log = _finish([first, second]) + "".join(seen)
-    assert log.count("INFO pipeline.cache: packed ") == 2, log
+    assert log.count("INFO pipeline.store.cache: packed ") == 2, log
     _assert_cache_consistent(tmp_path / "cache")
     assert len(read_archive_manifest(tmp_path / "img.tar")["Layers"]) == 2
 
@@ -101,7 +101,7 @@ def test_commits_of_two_containers_sharing_a_base_pack_the_base_once(storage: tu
     first = commit_args(root, tmp_path, "--id", cid, "--output", str(tmp_path / "a.tar"))
     second = commit_args(root, tmp_path, "--id", other, "--output", str(tmp_path / "b.tar"))
     log = _finish([_start(first), _start(second)])
-    assert log.count("INFO pipeline.cache: packed ") == 3, log
+    assert log.count("INFO pipeline.store.cache: packed ") == 3, log
     _assert_cache_consistent(tmp_path / "cache")
     layers_a = read_archive_manifest(tmp_path / "a.tar")["Layers"]
     layers_b = read_archive_manifest(tmp_path / "b.tar")["Layers"]

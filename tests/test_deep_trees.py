@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import layer
 from pipeline.demo import build_sample_storage
 from pipeline.errors import LayerError, SourceChanged
-from pipeline.layer import MAX_DIR_FDS, scan_layer, write_layer
-from pipeline.tarsplit import write_layer_from_tarsplit
+from pipeline.layer import writer as layer
+from pipeline.layer.tarsplit import write_layer_from_tarsplit
+from pipeline.layer.writer import MAX_DIR_FDS, scan_layer, write_layer
 from tests.cli import commit_args, run_luigi
 from tests.tarsplit_records import disassemble, write_tar_split
 

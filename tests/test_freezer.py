@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import StorageError
-from pipeline.freezer import (
+from pipeline.host.freezer import (
     MARKER_SUFFIX,
     Freezer,
     container_cgroup,
@@ -38,7 +38,7 @@ assert len(CID) == len(OTHER) == 64
 KILLED_COMMIT_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
-from pipeline.freezer import paused
+from pipeline.host.freezer import paused
 with paused(int(sys.argv[1]), Path(sys.argv[2]), label="killed-commit", container_id=sys.argv[3]) as freezer:
     assert freezer is not None and freezer.is_frozen()
     os.kill(os.getpid(), signal.SIGKILL)
@@ -47,7 +47,7 @@ with paused(int(sys.argv[1]), Path(sys.argv[2]), label="killed-commit", containe
 # Waits to be moved into a cgroup, then reports what find_freezer says from there.
 FIND_FROM_INSIDE_SCRIPT = """
 import sys
-from pipeline.freezer import find_freezer
+from pipeline.host.freezer import find_freezer
 pid = int(sys.stdin.readline())
 print(find_freezer(pid, sys.argv[1]))
 """
@@ -75,7 +75,7 @@ def container(cgroup: Cgroup) -> Cgroup:
 
 
 def freezer_log(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "pipeline.freezer"]
+    return [r.getMessage() for r in caplog.records if r.name == "pipeline.host.freezer"]
 
 
 # --- which cgroup is the container's --------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def test_paused_never_freezes_the_cgroup_of_an_unrelated_process_given_as_the_pi
     # A stale or forged State.Pid: the process is real and in a real cgroup, just not the container's.
     counter, marker_dir = tmp_path / "counter", tmp_path / "markers"
     process = cgroup.start_counter(counter)
-    with FreezerWatch(cgroup) as watch, caplog.at_level(logging.WARNING, logger="pipeline.freezer"):
+    with FreezerWatch(cgroup) as watch, caplog.at_level(logging.WARNING, logger="pipeline.host.freezer"):
         with paused(process.pid, marker_dir, label="web-1 (c0ffee012345)", container_id=CID) as freezer:
             assert freezer is None
             assert grows(counter)
@@ -242,7 +242,7 @@ def test_paused_leaves_a_container_frozen_before_frozen_and_never_thaws_it(
     counter, marker_dir = tmp_path / "counter", tmp_path / "markers"
     process = container.start_counter(counter)
     (container if frozen == "container" else cgroup).freeze_directly()
-    with FreezerWatch(container) as watch, caplog.at_level(logging.INFO, logger="pipeline.freezer"):
+    with FreezerWatch(container) as watch, caplog.at_level(logging.INFO, logger="pipeline.host.freezer"):
         with paused(process.pid, marker_dir, label="web-1", container_id=CID) as freezer:
             assert freezer is None
             assert markers(marker_dir) == []
@@ -271,7 +271,7 @@ def test_paused_warns_and_yields_none_when_there_is_no_freezer(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     marker_dir = tmp_path / "markers"
-    with caplog.at_level(logging.WARNING, logger="pipeline.freezer"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.host.freezer"):
         pid = dead_pid()
         with paused(pid, marker_dir, label="gone-container", container_id=CID) as freezer:
             assert freezer is None
@@ -354,7 +354,7 @@ def test_thaw_abandoned_never_thaws_a_cgroup_a_marker_does_not_prove_the_commit_
     marker = marker_dir / f"1-2-abcd{MARKER_SUFFIX}"
     common = {"version": container.version, "pid": process.pid, "label": "web-1", "owner_pid": dead_pid()}
     write_marker(marker, cgroup=str(container.path), **common)
-    with FreezerWatch(container) as watch, caplog.at_level(logging.WARNING, logger="pipeline.freezer"):
+    with FreezerWatch(container) as watch, caplog.at_level(logging.WARNING, logger="pipeline.host.freezer"):
         assert thaw_abandoned(marker_dir) == []
     assert watch.states == {"FROZEN"} and container.freezer_state() == "FROZEN"
     assert not marker.exists()
@@ -376,7 +376,7 @@ def test_thaw_abandoned_never_thaws_a_newer_cgroup_at_the_frozen_ones_path(
     again = cgroup.child(CID)
     again.start_sleeper()
     again.freeze_directly()
-    with FreezerWatch(again) as watch, caplog.at_level(logging.WARNING, logger="pipeline.freezer"):
+    with FreezerWatch(again) as watch, caplog.at_level(logging.WARNING, logger="pipeline.host.freezer"):
         assert thaw_abandoned(marker_dir) == []
     assert watch.states == {"FROZEN"} and again.freezer_state() == "FROZEN"
     assert markers(marker_dir) == []
@@ -434,11 +434,11 @@ def test_thaw_abandoned_logs_and_removes_malformed_markers(tmp_path: Path, caplo
         (marker_dir / f"{name}{MARKER_SUFFIX}").write_bytes(content)
     unrelated = marker_dir / "notes.txt"
     unrelated.write_text("not a marker")
-    with caplog.at_level(logging.WARNING, logger="pipeline.freezer"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.host.freezer"):
         assert thaw_abandoned(marker_dir) == []
     assert markers(marker_dir) == []
     assert unrelated.exists()
-    warned = [r.getMessage() for r in caplog.records if r.name == "pipeline.freezer"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "pipeline.host.freezer"]
     assert len(warned) == len(bad)
     assert all("malformed" in message for message in warned)
 

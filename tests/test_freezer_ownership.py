@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.demo import build_sample_storage
 from pipeline.engines.rocker import RockerStorage
-from pipeline.freezer import Freezer, container_cgroup_names, find_freezer, locate_freezer, paused
+from pipeline.host.freezer import Freezer, container_cgroup_names, find_freezer, locate_freezer, paused
 from tests.cgroups import VERSIONS, Cgroup, FreezerWatch, grows
 from tests.cli import (
     CONTAINER_LAYER_PACK,
@@ -46,7 +46,7 @@ def _storage(tmp_path: Path, state: dict[str, Any]) -> tuple[Path, str]:
 
 
 def _freezer_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "pipeline.freezer" in line or "container demo-web" in line]
+    return [line for line in stderr.splitlines() if "pipeline.host.freezer" in line or "container demo-web" in line]
 
 
 @pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
@@ -154,7 +154,7 @@ def test_real_docker_containers_cgroup_is_frozen_and_a_paused_one_never_thawed(
 
         dockerd.run("pause", name)
         assert found.is_frozen()
-        with caplog.at_level(logging.WARNING, logger="pipeline.freezer"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.host.freezer"):
             with paused(pid, tmp_path / "markers", label=name, container_id=cid) as froze:
                 assert froze is None
         assert found.is_frozen()

@@ -30,11 +30,8 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from pipeline import tarsplit
-from pipeline.cache import LayerCache
 from pipeline.catalog import SnapshotRecord, format_table
 from pipeline.commit import build_config_bytes, read_config_file, read_state
-from pipeline.compression import MEDIA_TYPES, CompressedBlob, find_blob, mapping_path
 from pipeline.container import Storage
 from pipeline.demo import build_sample_storage
 from pipeline.dockerfile import apply_changes
@@ -44,8 +41,10 @@ from pipeline.engines.podman import PodmanStorage
 from pipeline.engines.rocker import RockerStorage
 from pipeline.errors import InvalidChange, LayerError, PipelineError, StorageError
 from pipeline.imageconfig import CommitOptions
-from pipeline.layer import LayerRecord, encode_record, read_record, write_layer
+from pipeline.layer.writer import LayerRecord, encode_record, read_record, tarsplit, write_layer
 from pipeline.logformat import OneLineErrors
+from pipeline.store.cache import LayerCache
+from pipeline.store.compression import MEDIA_TYPES, CompressedBlob, find_blob, mapping_path
 from tests.boltdb_file import build_bolt_file
 from tests.cli import commit_args, error_lines, run_luigi
 from tests.overlay_storage import requires_root_reason

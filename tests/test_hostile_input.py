@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import LayerCache
 from pipeline.container import check_id_text
 from pipeline.demo import build_sample_storage
 from pipeline.errors import ContainerNotFound, SourceChanged
+from pipeline.store.cache import LayerCache
 from tests.cli import REPO, commit_args, error_lines, run_luigi, tree_fingerprint
 from tests.conftest import needs_root
 
@@ -157,7 +157,7 @@ def test_file_changed_once_during_packing_is_packed_again(tmp_path: Path, caplog
 
     changer = threading.Thread(target=truncate_once_packing_started)
     changer.start()
-    with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.store.cache"):
         record = LayerCache(tmp_path / "cache").pack_layer(layer)
     changer.join()
     assert "packing the layer again" in caplog.text

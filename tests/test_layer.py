@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import LayerError
-from pipeline.layer import write_layer
+from pipeline.layer.writer import write_layer
 from tests.conftest import needs_root
 
 
@@ -136,7 +136,7 @@ def test_socket_is_skipped_with_a_warning_naming_it(tmp_path: Path, caplog: pyte
     sock = socket.socket(socket.AF_UNIX)
     try:
         sock.bind(str(tmp_path / "app.sock"))
-        with caplog.at_level(logging.WARNING, logger="pipeline.layer"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.layer.writer"):
             _, members, _ = _pack(tmp_path)
     finally:
         sock.close()

@@ -26,13 +26,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pipeline.cache import LayerCache
 from pipeline.commit import build_manifest_bytes, build_repositories_bytes, layer_blobs, write_commit_output
 from pipeline.container import Container, Layer
 from pipeline.errors import LayerError
 from pipeline.imageconfig import build_image_config, encode_json
-from pipeline.layer import LayerRecord, write_layer
+from pipeline.layer.writer import LayerRecord, write_layer
 from pipeline.reference import parse_reference
+from pipeline.store.cache import LayerCache
 from tests.conftest import needs_root, needs_tools
 from tests.imagecheck import compare_trees, unpack_layers_with_python
 from tests.overlay_storage import CAPABILITY_NET_RAW, TreeView, overlay_mount, read_tree, requires_root_reason

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.demo import build_sample_storage
-from pipeline.freezer import Freezer
+from pipeline.host.freezer import Freezer
 from tests.cgroups import VERSIONS, Cgroup, grows
 from tests.cli import (
     CONTAINER_LAYER_PACK,
@@ -21,7 +21,7 @@ from tests.cli import (
     start_commit_stopped_at_container_layer,
 )
 
-# The id pipeline.demo gives its container: only a cgroup named after it is ever frozen (pipeline.freezer).
+# The id pipeline.demo gives its container: only a cgroup named after it is ever frozen (pipeline.host.freezer).
 DEMO_CONTAINER_ID = hashlib.sha256(b"pipeline demo container").hexdigest()
 
 

@@ -41,7 +41,7 @@ def _snapshot(root: Path, work: Path, stamp: str, *extra: str) -> subprocess.Com
 
 
 def _packs(result: subprocess.CompletedProcess[str]) -> int:
-    return result.stderr.count("INFO pipeline.cache: packed ")
+    return result.stderr.count("INFO pipeline.store.cache: packed ")
 
 
 def _archives(work: Path) -> set[Path]:

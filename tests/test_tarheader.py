@@ -1,8 +1,8 @@
 import io
 import tarfile
 
-from pipeline import tarheader
-from pipeline.tarheader import Header
+from pipeline.layer import tarheader
+from pipeline.layer.tarheader import Header
 
 
 def _read(*headers: Header, data: bytes = b"") -> list[tarfile.TarInfo]:

@@ -22,7 +22,7 @@ import pytest
 from fastcrc import crc64
 
 from pipeline.errors import LayerError
-from pipeline.tarsplit import TarSplitMismatch, write_layer_from_tarsplit
+from pipeline.layer.tarsplit import TarSplitMismatch, write_layer_from_tarsplit
 from tests.overlay_storage import requires_root_reason
 from tests.podman_storage import PodmanStorage, build_podman_storage
 from tests.tarsplit_records import (
@@ -291,7 +291,7 @@ _BIG = 200 << 20
 _MEASURE = """
 import os, resource, sys
 from pathlib import Path
-from pipeline.tarsplit import write_layer_from_tarsplit
+from pipeline.layer.tarsplit import write_layer_from_tarsplit
 
 def peak_kib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import whiteout
 from pipeline.errors import LayerError
+from pipeline.layer import whiteout
 
 NAMESPACES = ("trusted", "user")
 OTHER = {"trusted": "user", "user": "trusted"}

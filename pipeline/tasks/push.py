@@ -13,12 +13,12 @@ from typing import Any
 import luigi
 
 from pipeline import commit as commits
-from pipeline.cache import LayerCache
-from pipeline.compression import ALGORITHMS
 from pipeline.engines import open_storage
 from pipeline.push import Image, PushedBlobs, build_image, parse_push_reference, push_image
 from pipeline.reference import Reference
 from pipeline.registry import Options, open_registry
+from pipeline.store.cache import LayerCache
+from pipeline.store.compression import ALGORITHMS
 from pipeline.tasks.image import WriteImageConfig, commit_params
 from pipeline.tasks.settings import HostTask, commit, storage
 

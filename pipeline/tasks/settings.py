@@ -9,9 +9,9 @@ from typing import Any
 
 import luigi
 
-from pipeline.atomic import atomic_path
 from pipeline.container import Storage
 from pipeline.engines import default_root, open_storage
+from pipeline.host.atomic import atomic_path
 
 
 class storage(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg section [storage]

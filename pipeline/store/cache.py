@@ -12,11 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline import failpoint
-from pipeline.atomic import fsync_dir, make_dirs, no_space_error, partial_path, remove_abandoned_partials
 from pipeline.errors import PipelineError, SourceChanged
-from pipeline.layer import LayerRecord, walk_metadata, write_layer
-from pipeline.tarsplit import TarSplitMismatch, write_layer_from_tarsplit
+from pipeline.host import failpoint
+from pipeline.host.atomic import fsync_dir, make_dirs, no_space_error, partial_path, remove_abandoned_partials
+from pipeline.layer.tarsplit import TarSplitMismatch, write_layer_from_tarsplit
+from pipeline.layer.writer import LayerRecord, walk_metadata, write_layer
 
 log = logging.getLogger(__name__)
 

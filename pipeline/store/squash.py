@@ -15,10 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline import whiteout
-from pipeline.cache import LayerCache
 from pipeline.errors import LayerError
-from pipeline.layer import LayerRecord, encode_record, read_record
+from pipeline.layer import whiteout
+from pipeline.layer.writer import LayerRecord, encode_record, read_record
+from pipeline.store.cache import LayerCache
 
 # overlayfs limits the lowerdir option to one page of text; past this, mount fails with a clear error anyway.
 _MOUNT_OPTIONS_LIMIT = 4000
@@ -52,7 +52,7 @@ def _escape(path: Path) -> str:
     return str(path).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
 
-_CHILD = "from pipeline.squash import pack_in_namespace; pack_in_namespace()"
+_CHILD = "from pipeline.store.squash import pack_in_namespace; pack_in_namespace()"
 
 
 def pack_in_namespace() -> None:

@@ -22,10 +22,10 @@ import zstandard
 from isal import isal_zlib
 
 from pipeline import jsoncheck
-from pipeline.atomic import fsync_dir, no_space_error, partial_path, write_bytes_atomic
-from pipeline.cache import LayerCache
 from pipeline.errors import LayerError, OutputError, PipelineError
-from pipeline.layer import LayerRecord
+from pipeline.host.atomic import fsync_dir, no_space_error, partial_path, write_bytes_atomic
+from pipeline.layer.writer import LayerRecord
+from pipeline.store.cache import LayerCache
 
 log = logging.getLogger(__name__)
 

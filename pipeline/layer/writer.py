@@ -1,7 +1,7 @@
 """Packs one overlay layer_dir into an OCI layer tar in one streaming pass, hashing while writing.
 
 Spec: https://github.com/opencontainers/image-spec/blob/main/layer.md. Entries are sorted by their tar path
-bytes, overlay whiteouts and opaque directories are translated (pipeline.whiteout), and the diff_id is the
+bytes, overlay whiteouts and opaque directories are translated (pipeline.layer.whiteout), and the diff_id is the
 sha256 of exactly the bytes written.
 """
 
@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pipeline import jsoncheck, tarheader, whiteout
+from pipeline import jsoncheck
 from pipeline.errors import LayerError, SourceChanged
-from pipeline.tarheader import Header
+from pipeline.layer import tarheader, whiteout
+from pipeline.layer.tarheader import Header
 
 log = logging.getLogger(__name__)
 

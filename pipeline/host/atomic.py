@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline import failpoint
 from pipeline.errors import OutputError
-from pipeline.process import is_alive
+from pipeline.host import failpoint
+from pipeline.host.process import is_alive
 
 log = logging.getLogger(__name__)
 

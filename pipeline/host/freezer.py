@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline import jsoncheck
-from pipeline.atomic import write_bytes_atomic
 from pipeline.errors import StorageError
+from pipeline.host.atomic import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

@@ -1,0 +1,1 @@
+"""What the pipeline needs from the host: live processes, the cgroup freezer, durable file writes, test failpoints."""
