@@ -14,7 +14,7 @@ against the alternatives, on commit_benchmark's scale-1 storage (built with its 
 3. The copy buffer: readinto with 64 KiB vs 1 MiB (pipeline.layer.writer._CHUNK) vs 8 MiB, base layer into a real file.
 4. Per-entry user/group name lookups (pwd/grp, what tarfile does by default) vs numeric ids only, with tarfile on
    the base layer (write_layer never looks names up).
-5. Archive assembly: pipeline.archive.write_image_archive copying the three cached layer blobs (~512 MB) with
+5. Archive assembly: pipeline.image.archive.write_image_archive copying the three cached layer blobs (~512 MB) with
    os.copy_file_range vs os.sendfile vs a Python readinto/write loop (1 MiB buffer).
 6. A 2 GiB sparse file with 1% data: write_layer's SEEK_DATA/SEEK_HOLE path vs reading every byte; the bytes that
    went through read() and those fetched from storage come from /proc/self/io (rchar, read_bytes).
@@ -59,8 +59,8 @@ from functools import partial
 from pathlib import Path
 from typing import IO, BinaryIO, cast
 
-from pipeline import archive
-from pipeline.archive import Member, write_image_archive
+from pipeline.image import archive
+from pipeline.image.archive import Member, write_image_archive
 from pipeline.layer import writer as layer
 from pipeline.layer.writer import LayerRecord, write_layer
 from pipeline.store.cache import LayerCache

@@ -12,17 +12,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline import jsoncheck, ocilayout
-from pipeline.archive import Member, archive_size, read_member, write_image_archive
-from pipeline.container import Container, Layer, Storage, resolve_container
-from pipeline.dockerfile import apply_changes
+from pipeline import jsoncheck
+from pipeline.engines.container import Container, Layer, Storage, resolve_container
 from pipeline.errors import OutputError, PipelineError, SourceChanged
 from pipeline.host import freezer
 from pipeline.host.atomic import atomic_path, make_dirs, no_space_error
-from pipeline.imageconfig import EMPTY_LAYER_DIFF_ID, CommitOptions, build_image_config, digest_of, encode_json
+from pipeline.image import ocilayout
+from pipeline.image.archive import Member, archive_size, read_member, write_image_archive
+from pipeline.image.dockerfile import apply_changes
+from pipeline.image.imageconfig import EMPTY_LAYER_DIFF_ID, CommitOptions, build_image_config, digest_of, encode_json
+from pipeline.image.manifest import blob_name, build_manifest, build_repositories
+from pipeline.image.reference import Reference, build_reference_from_name, parse_reference
 from pipeline.layer.writer import LayerRecord, scan_layer
-from pipeline.manifest import blob_name, build_manifest, build_repositories
-from pipeline.reference import Reference, build_reference_from_name, parse_reference
 from pipeline.store import compression
 from pipeline.store.cache import LayerCache
 from pipeline.store.compression import CompressedBlob

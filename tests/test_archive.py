@@ -1,7 +1,7 @@
 import tarfile
 from pathlib import Path
 
-from pipeline.archive import Member, archive_size, write_image_archive
+from pipeline.image.archive import Member, archive_size, write_image_archive
 
 
 def test_members_are_written_in_order_once_with_parent_directories(tmp_path: Path) -> None:

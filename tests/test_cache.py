@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.commit import pack_image_layer
-from pipeline.container import Layer
+from pipeline.engines.container import Layer
 from pipeline.store.cache import LayerCache
 from tests.tarsplit_records import disassemble, write_tar_split
 

@@ -3,7 +3,7 @@ container, field by field, and against `docker history` and `docker image inspec
 
 Each scenario is one container of a private offline dockerd (tests/dockerd.py), committed by docker and by the
 command line with the same options. Differences kept on purpose are named here and explained in
-pipeline/imageconfig.py build_image_config; everything else must be equal.
+pipeline/image/imageconfig.py build_image_config; everything else must be equal.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.imageconfig import EMPTY_LAYER_DIFF_ID
+from pipeline.image.imageconfig import EMPTY_LAYER_DIFF_ID
 from tests.cli import commit_args, run_luigi
 from tests.conftest import needs_root
 from tests.dockerd import Dockerd, needs_docker

@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.dockerfile import apply_changes
 from pipeline.errors import InvalidChange
+from pipeline.image.dockerfile import apply_changes
 
 BASE = {"Env": ["PATH=/bin", "A=1"], "Cmd": ["sh"], "WorkingDir": "/srv", "Labels": {"old": "x"}}
 

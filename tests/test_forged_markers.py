@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.container import overlay_xattrs_of
 from pipeline.engines import open_storage
+from pipeline.engines.container import overlay_xattrs_of
 from tests.cli import commit_args, run_luigi
 from tests.conftest import needs_root
 from tests.imagecheck import compare_trees, read_archive_manifest, unpack_layers_with_python

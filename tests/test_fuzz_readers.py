@@ -32,15 +32,15 @@ from hypothesis import strategies as st
 
 from pipeline.catalog import SnapshotRecord, format_table
 from pipeline.commit import build_config_bytes, read_config_file, read_state
-from pipeline.container import Storage
 from pipeline.demo import build_sample_storage
-from pipeline.dockerfile import apply_changes
 from pipeline.engines.boltdb import BoltFile
+from pipeline.engines.container import Storage
 from pipeline.engines.docker import DockerStorage
 from pipeline.engines.podman import PodmanStorage
 from pipeline.engines.rocker import RockerStorage
 from pipeline.errors import InvalidChange, LayerError, PipelineError, StorageError
-from pipeline.imageconfig import CommitOptions
+from pipeline.image.dockerfile import apply_changes
+from pipeline.image.imageconfig import CommitOptions
 from pipeline.layer.writer import LayerRecord, encode_record, read_record, tarsplit, write_layer
 from pipeline.logformat import OneLineErrors
 from pipeline.store.cache import LayerCache

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.container import check_id_text
 from pipeline.demo import build_sample_storage
+from pipeline.engines.container import check_id_text
 from pipeline.errors import ContainerNotFound, SourceChanged
 from pipeline.store.cache import LayerCache
 from tests.cli import REPO, commit_args, error_lines, run_luigi, tree_fingerprint

@@ -6,11 +6,17 @@ from typing import Any
 
 import pytest
 
-from pipeline.container import Container, Layer, pick_docker_config
+from pipeline.engines.container import Container, Layer, pick_docker_config
 from pipeline.errors import StorageError
-from pipeline.imageconfig import EMPTY_LAYER_DIFF_ID, CommitOptions, build_image_config, encode_json, format_created
-from pipeline.manifest import build_manifest, build_repositories
-from pipeline.reference import parse_reference
+from pipeline.image.imageconfig import (
+    EMPTY_LAYER_DIFF_ID,
+    CommitOptions,
+    build_image_config,
+    encode_json,
+    format_created,
+)
+from pipeline.image.manifest import build_manifest, build_repositories
+from pipeline.image.reference import parse_reference
 
 
 def _container(lower: int = 2, **config: object) -> Container:

@@ -27,11 +27,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.commit import build_manifest_bytes, build_repositories_bytes, layer_blobs, write_commit_output
-from pipeline.container import Container, Layer
+from pipeline.engines.container import Container, Layer
 from pipeline.errors import LayerError
-from pipeline.imageconfig import build_image_config, encode_json
+from pipeline.image.imageconfig import build_image_config, encode_json
+from pipeline.image.reference import parse_reference
 from pipeline.layer.writer import LayerRecord, write_layer
-from pipeline.reference import parse_reference
 from pipeline.store.cache import LayerCache
 from tests.conftest import needs_root, needs_tools
 from tests.imagecheck import compare_trees, unpack_layers_with_python

@@ -1,11 +1,11 @@
-"""Tests for pipeline.reference: Docker's NAME[:TAG] grammar and default names derived from containers."""
+"""Tests for pipeline.image.reference: Docker's NAME[:TAG] grammar and default names derived from containers."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import InvalidReference, PipelineError
-from pipeline.reference import Reference, build_reference_from_name, parse_reference
+from pipeline.image.reference import Reference, build_reference_from_name, parse_reference
 
 # --- valid references ---------------------------------------------------------------------------------------------
 

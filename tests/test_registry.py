@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from pipeline.credentials import ENV_PASSWORD, ENV_USERNAME, Credentials, find_credentials
 from pipeline.errors import InvalidReference, RegistryError
-from pipeline.imageconfig import digest_of, encode_json
+from pipeline.image.imageconfig import digest_of, encode_json
 from pipeline.layer.writer import LayerRecord
-from pipeline.push import Image, PushedBlobs, build_image, parse_push_reference, push_image
-from pipeline.registry import Options, Registry, is_loopback
+from pipeline.registry.client import Options, Registry, is_loopback
+from pipeline.registry.credentials import ENV_PASSWORD, ENV_USERNAME, Credentials, find_credentials
+from pipeline.registry.push import Image, PushedBlobs, build_image, parse_push_reference, push_image
 from pipeline.store.cache import LayerCache
 from tests.cli import error_lines, run_luigi
 from tests.conftest import needs_tools

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from pipeline.demo import build_sample_storage
 from pipeline.errors import RegistryError
-from pipeline.registry import (
+from pipeline.registry.client import (
     Blob,
     Options,
     Registry,

@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.container import Storage
+from pipeline.engines.container import Storage
 from pipeline.engines.docker import DockerStorage
 from pipeline.engines.podman import PodmanStorage
 from pipeline.engines.rocker import RockerStorage

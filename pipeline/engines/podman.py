@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.container import Container, Layer, check_id_text, checked_layer_dir, overlay_xattrs_of
 from pipeline.engines.boltdb import BoltFile
+from pipeline.engines.container import Container, Layer, check_id_text, checked_layer_dir, overlay_xattrs_of
 from pipeline.errors import ContainerNotFound, StorageError
 from pipeline.jsoncheck import (
     check_image_config,

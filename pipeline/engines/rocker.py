@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.container import (
+from pipeline.engines.container import (
     Container,
     Layer,
     check_id_text,

@@ -16,16 +16,16 @@ from typing import Any
 import luigi
 
 from pipeline import commit as commits
-from pipeline.archive import read_member
-from pipeline.container import Layer
 from pipeline.engines import open_storage
+from pipeline.engines.container import Layer
 from pipeline.errors import LayerError, OutputError
 from pipeline.host import failpoint
 from pipeline.host.atomic import write_bytes_atomic
-from pipeline.imageconfig import CommitOptions, digest_of
+from pipeline.image.archive import read_member
+from pipeline.image.imageconfig import CommitOptions, digest_of
+from pipeline.image.reference import parse_reference
 from pipeline.layer import whiteout
 from pipeline.layer.writer import LayerRecord, encode_record, read_record
-from pipeline.reference import parse_reference
 from pipeline.store import squash
 from pipeline.store.cache import LayerCache
 from pipeline.store.compression import ALGORITHMS, CompressedBlob

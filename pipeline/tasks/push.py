@@ -14,9 +14,9 @@ import luigi
 
 from pipeline import commit as commits
 from pipeline.engines import open_storage
-from pipeline.push import Image, PushedBlobs, build_image, parse_push_reference, push_image
-from pipeline.reference import Reference
-from pipeline.registry import Options, open_registry
+from pipeline.image.reference import Reference
+from pipeline.registry.client import Options, open_registry
+from pipeline.registry.push import Image, PushedBlobs, build_image, parse_push_reference, push_image
 from pipeline.store.cache import LayerCache
 from pipeline.store.compression import ALGORITHMS
 from pipeline.tasks.image import WriteImageConfig, commit_params

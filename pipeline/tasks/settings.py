@@ -9,8 +9,8 @@ from typing import Any
 
 import luigi
 
-from pipeline.container import Storage
 from pipeline.engines import default_root, open_storage
+from pipeline.engines.container import Storage
 from pipeline.host.atomic import atomic_path
 
 

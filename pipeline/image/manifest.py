@@ -5,7 +5,7 @@ Spec: moby's image/tarexport (manifestItem; "repositories" is {name: {tag: id}})
 
 from typing import Any
 
-from pipeline.reference import Reference
+from pipeline.image.reference import Reference
 
 
 def blob_name(digest: str) -> str:

@@ -15,12 +15,12 @@ from pathlib import Path
 from pipeline import jsoncheck
 from pipeline.errors import InvalidReference, OutputError, RegistryError
 from pipeline.host.atomic import make_dirs, write_bytes_atomic
-from pipeline.imageconfig import digest_of, encode_json
+from pipeline.image.imageconfig import digest_of, encode_json
+from pipeline.image.ocilayout import CONFIG_MEDIA_TYPE
+from pipeline.image.ocilayout import build_image_manifest as build_manifest_doc
+from pipeline.image.reference import Reference, parse_reference
 from pipeline.layer.writer import LayerRecord
-from pipeline.ocilayout import CONFIG_MEDIA_TYPE
-from pipeline.ocilayout import build_image_manifest as build_manifest_doc
-from pipeline.reference import Reference, parse_reference
-from pipeline.registry import Blob, Registry
+from pipeline.registry.client import Blob, Registry
 from pipeline.store.cache import LayerCache
 from pipeline.store.compression import compress_blob, default_level
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.container import DOCKER_CONFIG_FIELDS, Container
-from pipeline.dockerfile import apply_changes
+from pipeline.engines.container import DOCKER_CONFIG_FIELDS, Container
+from pipeline.image.dockerfile import apply_changes
 
 # moby layer/empty.go DigestSHA256EmptyTar: the diff_id of a tar with no entries (1024 zero bytes), which is what a
 # container layer with no changes packs to. docker commit keeps no such layer: its history entry says empty_layer.

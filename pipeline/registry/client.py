@@ -29,10 +29,10 @@ from email.message import Message
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.credentials import DOCKER_HUB, ENV_PASSWORD, ENV_USERNAME, Credentials, find_credentials
 from pipeline.errors import RegistryError
-from pipeline.imageconfig import digest_of
-from pipeline.ocilayout import INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE
+from pipeline.image.imageconfig import digest_of
+from pipeline.image.ocilayout import INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE
+from pipeline.registry.credentials import DOCKER_HUB, ENV_PASSWORD, ENV_USERNAME, Credentials, find_credentials
 
 log = logging.getLogger(__name__)
 

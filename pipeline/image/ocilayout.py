@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.host.atomic import fsync_dir, make_dirs
-from pipeline.imageconfig import digest_of, encode_json
-from pipeline.manifest import blob_name
-from pipeline.reference import Reference
+from pipeline.image.imageconfig import digest_of, encode_json
+from pipeline.image.manifest import blob_name
+from pipeline.image.reference import Reference
 from pipeline.store.compression import CompressedBlob
 
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"

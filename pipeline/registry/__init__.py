@@ -1,0 +1,1 @@
+"""Pushing to a registry: the distribution API client, credentials, and one push."""
