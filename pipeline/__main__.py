@@ -2,8 +2,9 @@
 
 import sys
 
-from pipeline import catalog, cli, demo
+from pipeline import cli, demo
 from pipeline.host import freezer
+from pipeline.snapshots import catalog
 
 COMMANDS = {"demo": demo.main, "run": cli.main, "snapshots": catalog.main, "thaw": freezer.main}
 

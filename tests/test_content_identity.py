@@ -11,8 +11,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipeline.catalog import read_records
 from pipeline.demo import build_sample_storage
+from pipeline.snapshots.catalog import read_records
 from tests.cli import REPO, commit_args, run_luigi
 from tests.conftest import needs_root
 from tests.imagecheck import read_archive_config, read_archive_manifest, unpack_layers_with_python

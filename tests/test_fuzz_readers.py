@@ -30,7 +30,6 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from pipeline.catalog import SnapshotRecord, format_table
 from pipeline.commit import build_config_bytes, read_config_file, read_state
 from pipeline.demo import build_sample_storage
 from pipeline.engines.boltdb import BoltFile
@@ -43,6 +42,7 @@ from pipeline.image.dockerfile import apply_changes
 from pipeline.image.imageconfig import CommitOptions
 from pipeline.layer.writer import LayerRecord, encode_record, read_record, tarsplit, write_layer
 from pipeline.logformat import OneLineErrors
+from pipeline.snapshots.catalog import SnapshotRecord, format_table
 from pipeline.store.cache import LayerCache
 from pipeline.store.compression import MEDIA_TYPES, CompressedBlob, find_blob, mapping_path
 from tests.boltdb_file import build_bolt_file

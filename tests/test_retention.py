@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.catalog import SnapshotRecord, pruned_path, read_records, record_path
 from pipeline.demo import build_sample_storage
-from pipeline.retention import apply_retention, plan_retention
+from pipeline.snapshots.catalog import SnapshotRecord, pruned_path, read_records, record_path
+from pipeline.snapshots.retention import apply_retention, plan_retention
 from tests.cli import REPO, commit_args, run_luigi
 from tests.conftest import needs_root
 from tests.imagecheck import read_archive_manifest

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.catalog import read_records
 from pipeline.demo import build_sample_storage
+from pipeline.snapshots.catalog import read_records
 from tests.cli import REPO, run_luigi
 from tests.imagecheck import read_archive_manifest
 

@@ -12,12 +12,12 @@ from typing import Any
 
 import luigi
 
-from pipeline import catalog, retention
 from pipeline import commit as commits
-from pipeline import snapshot as snapshots
 from pipeline.engines import open_storage
 from pipeline.host import failpoint
 from pipeline.host.atomic import write_bytes_atomic
+from pipeline.snapshots import catalog, retention
+from pipeline.snapshots import snapshot as snapshots
 from pipeline.tasks.image import WriteImageArchive
 from pipeline.tasks.settings import DurableTarget, HostTask, StorageTask, batch, commit, storage
 

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from pipeline.catalog import SnapshotRecord, previous_record
 from pipeline.commit import ContainerState
 from pipeline.engines.container import Container, Storage
 from pipeline.host.process import is_alive
 from pipeline.image.imageconfig import digest_of
 from pipeline.image.reference import build_reference_from_name
 from pipeline.layer.writer import LayerRecord
+from pipeline.snapshots.catalog import SnapshotRecord, previous_record
 
 STAMP_FORMAT = "%Y-%m-%dT%H%M"  # luigi's DateMinuteParameter format; also a valid image tag
 

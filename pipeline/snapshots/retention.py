@@ -20,9 +20,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pipeline import jsoncheck
-from pipeline.catalog import SnapshotRecord, catalog_dir, pruned_path, read_records, record_path
 from pipeline.host.atomic import is_partial, make_dirs, partial_path, remove_abandoned_partials
-from pipeline.snapshot import STAMP_FORMAT
+from pipeline.snapshots.catalog import SnapshotRecord, catalog_dir, pruned_path, read_records, record_path
+from pipeline.snapshots.snapshot import STAMP_FORMAT
 from pipeline.store.cache import LayerCache
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Batch snapshots: which containers to snapshot, the catalog of records, and retention."""
