@@ -1,4 +1,4 @@
-"""The container engines whose storage the pipeline reads, by name."""
+"""The container engines whose storage the pipeline reads: the shared interface and one reader per engine."""
 
 from collections.abc import Callable
 from pathlib import Path
