@@ -40,7 +40,8 @@ from pipeline.engines.rocker import RockerStorage
 from pipeline.errors import InvalidChange, LayerError, PipelineError, StorageError
 from pipeline.image.dockerfile import apply_changes
 from pipeline.image.imageconfig import CommitOptions
-from pipeline.layer.writer import LayerRecord, encode_record, read_record, tarsplit, write_layer
+from pipeline.layer import tarsplit
+from pipeline.layer.writer import LayerRecord, encode_record, read_record, write_layer
 from pipeline.logformat import OneLineErrors
 from pipeline.snapshots.catalog import SnapshotRecord, format_table
 from pipeline.store.cache import LayerCache
