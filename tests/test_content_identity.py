@@ -28,6 +28,15 @@ def _file_in_image(archive: Path, work: Path, name: str) -> bytes | None:
     return path.read_bytes() if path.exists() else None
 
 
+def _committed(sample_storage: tuple[Path, str], tmp_path: Path) -> tuple[Path, str, Path, list[str]]:
+    """The sample container committed once to tmp_path/img.tar: its root, id, archive and the command's flags."""
+    root, cid = sample_storage
+    archive = tmp_path / "img.tar"
+    args = commit_args(root, tmp_path, "--id", cid, "--output", str(archive))
+    assert run_luigi(*args).returncode == 0
+    return root, cid, archive, args
+
+
 def _upper(root: Path, cid: str) -> Path:
     return root / "overlay2" / cid / "diff"
 
@@ -35,10 +44,7 @@ def _upper(root: Path, cid: str) -> Path:
 def test_changed_container_with_its_archive_deleted_is_committed_again(
     sample_storage: tuple[Path, str], tmp_path: Path
 ) -> None:
-    root, cid = sample_storage
-    archive = tmp_path / "img.tar"
-    args = commit_args(root, tmp_path, "--id", cid, "--output", str(archive))
-    assert run_luigi(*args).returncode == 0
+    root, cid, archive, args = _committed(sample_storage, tmp_path)
     first = read_archive_config(archive)
     (_upper(root, cid) / "etc").mkdir(exist_ok=True)
     (_upper(root, cid) / "etc" / "changed.conf").write_bytes(b"written after the first commit\n")
@@ -52,10 +58,7 @@ def test_changed_container_with_its_archive_deleted_is_committed_again(
 def test_changed_container_replaces_an_existing_archive_and_says_which_image(
     sample_storage: tuple[Path, str], tmp_path: Path
 ) -> None:
-    root, cid = sample_storage
-    archive = tmp_path / "img.tar"
-    args = commit_args(root, tmp_path, "--id", cid, "--output", str(archive))
-    assert run_luigi(*args).returncode == 0
+    root, cid, archive, args = _committed(sample_storage, tmp_path)
     old_id = read_archive_manifest(archive)["Config"].rpartition("/")[2]
     (_upper(root, cid) / "new.txt").write_bytes(b"new\n")
     second = run_luigi(*args)
@@ -67,10 +70,7 @@ def test_changed_container_replaces_an_existing_archive_and_says_which_image(
 def test_changed_container_with_archive_and_layer_blob_deleted_gives_a_whole_archive(
     sample_storage: tuple[Path, str], tmp_path: Path
 ) -> None:
-    root, cid = sample_storage
-    archive = tmp_path / "img.tar"
-    args = commit_args(root, tmp_path, "--id", cid, "--output", str(archive))
-    assert run_luigi(*args).returncode == 0
+    root, cid, archive, args = _committed(sample_storage, tmp_path)
     old_top = read_archive_config(archive)["rootfs"]["diff_ids"][-1]
     (_upper(root, cid) / "new.txt").write_bytes(b"new\n")
     archive.unlink()
@@ -81,19 +81,15 @@ def test_changed_container_with_archive_and_layer_blob_deleted_gives_a_whole_arc
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
     assert set(manifest["Layers"]) <= names, "the archive names a layer it does not hold"
-    assert [f"sha256:{n.rpartition('/')[2]}" for n in manifest["Layers"]] == read_archive_config(archive)["rootfs"][
-        "diff_ids"
-    ]
+    layers = [f"sha256:{n.rpartition('/')[2]}" for n in manifest["Layers"]]
+    assert layers == read_archive_config(archive)["rootfs"]["diff_ids"]
     assert _file_in_image(archive, tmp_path, "new.txt") == b"new\n"
 
 
 def test_unchanged_container_with_its_layer_blob_deleted_is_packed_again_and_the_archive_kept(
     sample_storage: tuple[Path, str], tmp_path: Path
 ) -> None:
-    root, cid = sample_storage
-    archive = tmp_path / "img.tar"
-    args = commit_args(root, tmp_path, "--id", cid, "--output", str(archive))
-    assert run_luigi(*args).returncode == 0
+    root, cid, archive, args = _committed(sample_storage, tmp_path)
     top = read_archive_config(archive)["rootfs"]["diff_ids"][-1]
     before = archive.read_bytes()
     (tmp_path / "cache" / "blobs" / "sha256" / top.removeprefix("sha256:")).unlink()
@@ -141,10 +137,7 @@ def test_a_name_wins_over_an_id_prefix_as_in_docker(sample_storage: tuple[Path, 
 
 
 def test_image_layer_rebuilt_in_place_is_packed_again(sample_storage: tuple[Path, str], tmp_path: Path) -> None:
-    root, cid = sample_storage
-    archive = tmp_path / "img.tar"
-    args = commit_args(root, tmp_path, "--id", cid, "--output", str(archive))
-    assert run_luigi(*args).returncode == 0
+    root, cid, archive, args = _committed(sample_storage, tmp_path)
     assert _file_in_image(archive, tmp_path, "etc/os-release") == b"NAME=demo\nVERSION=1\n"
     # The storage rebuilt at the same path (an image removed and re-created, a backup restored), its base layer
     # holding other content under the same layer id.
