@@ -109,27 +109,9 @@ class LayerCache:
             return None
 
     def has_blob(self, record: LayerRecord, *, recorded_ns: int | None = None) -> bool:
-        """Whether the blob is intact: the recorded size, and the recorded digest if it changed since recorded_ns
-        (None: size only, for callers that just verified it).
-
-        Any write to a file moves its ctime past the moment its record was written, so an unchanged ctime means
-        unchanged bytes; only a blob touched since (truncated, altered or re-packed by another worker) is hashed.
-        """
-        path = self.blob_path(record.diff_id)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return False
-        if st.st_size != record.size:
-            log.warning("cached blob %s has %d bytes, %d recorded; packing it again", path, st.st_size, record.size)
-            return False
-        if recorded_ns is None or st.st_ctime_ns <= recorded_ns:
-            return True
-        with open(path, "rb") as f:
-            intact = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == record.diff_id
-        if not intact:
-            log.warning("cached blob %s does not match its digest; packing it again", path)
-        return intact
+        """Whether record's blob is intact (blob_intact; recorded_ns None: size only, for callers that just
+        verified it)."""
+        return blob_intact(self.blob_path(record.diff_id), record.diff_id, record.size, recorded_ns, "packing it")
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
@@ -216,6 +198,30 @@ class LayerCache:
         failpoint.reached("pack:after-rename")
         log.info("packed %s into %s (%d bytes)", layer_dir, record.diff_id, record.size)
         return record
+
+
+def blob_intact(path: Path, digest: str, size: int, recorded_ns: int | None, redo: str) -> bool:
+    """Whether the blob at path is intact: size, and digest if it changed since recorded_ns (None: size only).
+
+    Any write to a file moves its ctime past the moment its record was written, so an unchanged ctime means
+    unchanged bytes; only a blob touched since (truncated, altered, or written again by another process) is
+    hashed. redo names what follows a failed check in the warning ("packing it", "compressing it").
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        log.warning("cached blob %s is missing; %s again", path, redo)
+        return False
+    if st.st_size != size:
+        log.warning("cached blob %s has %d bytes, %d recorded; %s again", path, st.st_size, size, redo)
+        return False
+    if recorded_ns is None or st.st_ctime_ns <= recorded_ns:
+        return True
+    with open(path, "rb") as f:
+        intact = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == digest
+    if not intact:
+        log.warning("cached blob %s does not match its digest; %s again", path, redo)
+    return intact
 
 
 def _estimate_size(layer_dir: Path) -> int:

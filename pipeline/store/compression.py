@@ -25,7 +25,7 @@ from pipeline import jsoncheck
 from pipeline.errors import LayerError, OutputError, PipelineError
 from pipeline.host.atomic import fsync_dir, no_space_error, partial_path, write_bytes_atomic
 from pipeline.layer.writer import LayerRecord
-from pipeline.store.cache import LayerCache
+from pipeline.store.cache import LayerCache, blob_intact
 
 log = logging.getLogger(__name__)
 
@@ -349,29 +349,6 @@ def _read_mapping(
     if (blob.diff_id, blob.algorithm, blob.level, blob.media_type) != expected:
         log.warning("%s: records another layer or setting; compressing again", mapping)
         return None
-    if not _blob_intact(cache.blob_path(blob.digest), blob, recorded_ns):
+    if not blob_intact(cache.blob_path(blob.digest), blob.digest, blob.size, recorded_ns, "compressing it"):
         return None
     return blob
-
-
-def _blob_intact(path: Path, blob: CompressedBlob, recorded_ns: int) -> bool:
-    """The recorded size, and the recorded digest if the blob changed since its mapping was written.
-
-    Any write moves a file's ctime past that moment (as in LayerCache.has_blob), so only a blob touched since
-    (truncated, altered, or replaced by another process compressing the same layer) is hashed.
-    """
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        log.warning("compressed blob %s is missing; compressing again", path)
-        return False
-    if st.st_size != blob.size:
-        log.warning("compressed blob %s has %d bytes, %d recorded; compressing again", path, st.st_size, blob.size)
-        return False
-    if st.st_ctime_ns <= recorded_ns:
-        return True
-    with open(path, "rb") as f:
-        intact = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == blob.digest
-    if not intact:
-        log.warning("compressed blob %s does not match its digest; compressing again", path)
-    return intact
