@@ -16,15 +16,16 @@ Compared, on the same tars in the same run, each method compressing every tar of
 - "zstd -T2 -3": the zstd CLI, `zstd -T2 -3 -q -c` (checksum and content size on, as ours).
 
 Ours includes everything compress_blob does (fsync, rename, the mapping JSON); the tools' output file is fsync'd
-inside the timing too. Before every timed run ours' cache entries are removed, so it compresses again, and the
-page cache is synced. Every method runs once untimed first; ours' warm-up output is decompressed by the tools
-(pigz -dc, zstd -dc) and must hash to the diff_id, and each timed run of ours must give the warm-up's digest.
-Then --repeat timed runs, interleaved; the table shows medians. MB/s is uncompressed input (MB = 10^6 bytes) per
-second of wall time; "size" is compressed / uncompressed bytes; "CPU" is CPU time / wall time (2.00 = both
-cores busy); "x tool" is our MB/s over the MB/s of the tool at the same algorithm and level. "+sha256" is MB/s
-counting also the sha256 of the output that an OCI manifest needs: ours computes it while writing; for the tools
-it is hashlib over their output files, timed separately and added; "x +sha256" compares those. The load average
-is printed at start and end: the machine may be shared, so read the ratios, which are taken in one run.
+inside the timing too. Before every timed run ours' cache entries are removed, so it compresses again, and every
+timed run starts after an os.sync(). Every method runs once untimed first; ours' warm-up output is decompressed
+by the tools (pigz -dc, zstd -dc) and must hash to the diff_id, and each timed run of ours must give the
+warm-up's digest. Then --repeat timed runs, interleaved in alternating order (A B C, C B A, ...); the table shows
+medians. MB/s is uncompressed input (MB = 10^6 bytes) per second of wall time; "size" is compressed /
+uncompressed bytes; "CPU" is CPU time / wall time (2.00 = both cores busy); "x tool" is our MB/s over the MB/s of
+the tool at the same algorithm and level. "+sha256" is MB/s counting also the sha256 of the output that an OCI
+manifest needs: ours computes it while writing; for the tools it is hashlib over their output files, timed
+separately and added; "x +sha256" compares those. The load average is printed at start and end: the machine may
+be shared, so read the ratios, which are taken in one run.
 
 Target (issue 7): ours zstd -3 at least 400 MB/s on 2 cores on the incompressible data. A missed target is
 marked MISSED; the exit code stays 0. A broken blob (wrong decompressed digest, digest changing between runs)
@@ -42,26 +43,22 @@ import functools
 import hashlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import commit_benchmark as cb  # noqa: E402 - a sibling script, importable once its directory is on sys.path
+import common
+from common import MB, BenchmarkError
 
-from pipeline.layer.writer import LayerRecord  # noqa: E402
-from pipeline.store.compression import compress_blob, library_version, mapping_path  # noqa: E402
+from pipeline.layer.writer import LayerRecord
+from pipeline.store.cache import LayerCache
+from pipeline.store.compression import compress_blob, library_version, mapping_path
 
-MB = cb.MB
-T = TypeVar("T")
 ZSTD_TARGET_MB_S = 400.0
 DEFAULT_COMPRESSIBLE = (
     f"/usr/lib/python{sys.version_info.major}.{sys.version_info.minor}",
@@ -107,10 +104,6 @@ class Result:
     vs_tool_with_digest: float | None = None
 
 
-class BenchmarkError(Exception):
-    """A method failed or wrote a broken blob; the benchmark stops instead of timing it."""
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------------------------
@@ -128,9 +121,9 @@ def add_to_cache(cache: Path, tar: Path) -> LayerRecord:
     with open(tar, "rb") as f:
         diff_id = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
     record = LayerRecord(diff_id, tar.stat().st_size)
-    blob_dir = cache / "blobs" / "sha256"
-    blob_dir.mkdir(parents=True, exist_ok=True)
-    os.replace(tar, blob_dir / record.hex)
+    blob = LayerCache(cache).blob_path(diff_id)
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tar, blob)
     return record
 
 
@@ -138,7 +131,7 @@ def build_inputs(work: Path, storage: Path, compressible: list[Path]) -> dict[st
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     inputs: dict[str, list[LayerRecord]] = {"incompressible": [], "compressible": []}
-    for layer_id, diff in cb.layer_dirs(storage):
+    for layer_id, diff in common.layer_dirs(storage):
         gnu_tar(["-C", str(diff), "."], work / f"{layer_id}.tar")
         inputs["incompressible"].append(add_to_cache(cache, work / f"{layer_id}.tar"))
     dirs = [d for d in compressible if d.is_dir()]
@@ -161,7 +154,7 @@ def forget(cache: Path, records: list[LayerRecord], method: Method) -> None:
         mapping = mapping_path(cache, record.diff_id, method.algorithm, method.level)
         if mapping.exists():
             digest = json.loads(mapping.read_bytes())["digest"]
-            (cache / "blobs" / "sha256" / digest.removeprefix("sha256:")).unlink(missing_ok=True)
+            LayerCache(cache).blob_path(digest).unlink(missing_ok=True)
             mapping.unlink()
 
 
@@ -183,7 +176,7 @@ def run_tool(cache: Path, records: list[LayerRecord], method: Method, out_dir: P
     for record in records:
         out = out_dir / f"{record.hex}.{method.algorithm}"
         with open(out, "wb") as f:
-            blob = cache / "blobs" / "sha256" / record.hex
+            blob = LayerCache(cache).blob_path(record.diff_id)
             done = subprocess.run([*tool_argv(method), str(blob)], stdout=f, stderr=subprocess.PIPE, check=False)
             if done.returncode != 0:
                 raise BenchmarkError(f"{' '.join(tool_argv(method))} {blob} failed: {done.stderr.decode().strip()}")
@@ -210,7 +203,7 @@ def check_ours(cache: Path, records: list[LayerRecord], method: Method, digests:
     """Each blob decompresses, through the CLI tools, to the tar it came from."""
     decompress = ["pigz", "-dc"] if method.algorithm == "gzip" else ["zstd", "-dcq"]
     for record, digest in zip(records, digests, strict=True):
-        blob = cache / "blobs" / "sha256" / digest.removeprefix("sha256:")
+        blob = LayerCache(cache).blob_path(digest)
         proc = subprocess.Popen([*decompress, str(blob)], stdout=subprocess.PIPE)
         assert proc.stdout is not None
         digest_of = hashlib.sha256()
@@ -222,63 +215,50 @@ def check_ours(cache: Path, records: list[LayerRecord], method: Method, digests:
             raise BenchmarkError(f"{method.name}: {blob} decompresses to {got}, not {record.diff_id}")
 
 
-def timed(fn: Callable[[], T]) -> tuple[float, float, T]:
-    """Wall seconds, CPU seconds (this process's threads and waited-for children) and fn's result."""
-    os.sync()
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = time.process_time()
-    start = time.perf_counter()
-    result = fn()
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = time.process_time() - cpu + (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
-    return wall, cpu, result
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------------
 
 
 def print_table(results: list[Result]) -> None:
-    columns = ("data", "method", "median s", "MB/s", "+sha256", "size", "CPU", "x tool", "x +sha256")
-    widths = (-15, -14, 9, 7, 8, 6, 5, 7, 9)  # negative: left-aligned
-    rows = [columns]
-    for r in results:
-        vs = f"{r.vs_tool:.2f}" if r.vs_tool is not None else ""
-        vs_digest = f"{r.vs_tool_with_digest:.2f}" if r.vs_tool_with_digest is not None else ""
-        rows.append(
-            (
-                r.data,
-                r.method,
-                f"{r.median_s:.2f}",
-                f"{r.mb_per_s:.0f}",
-                f"{r.with_digest_mb_per_s:.0f}",
-                f"{r.size_ratio:.3f}",
-                f"{r.cpu_ratio:.2f}",
-                vs,
-                vs_digest,
-            )
-        )
-    for i, row in enumerate(rows):
-        print(" ".join(f"{cell:<{-w}}" if w < 0 else f"{cell:>{w}}" for cell, w in zip(row, widths, strict=True)))
-        if i == 0:
-            print("-" * (sum(abs(w) for w in widths) + len(widths) - 1))
+    columns = [
+        ("data", -15),
+        ("method", -14),
+        ("median s", 9),
+        ("MB/s", 7),
+        ("+sha256", 8),
+        ("size", 6),
+        ("CPU", 5),
+        ("x tool", 7),
+        ("x +sha256", 9),
+    ]
+    rows = [
+        [
+            r.data,
+            r.method,
+            f"{r.median_s:.2f}",
+            f"{r.mb_per_s:.0f}",
+            f"{r.with_digest_mb_per_s:.0f}",
+            f"{r.size_ratio:.3f}",
+            f"{r.cpu_ratio:.2f}",
+            f"{r.vs_tool:.2f}" if r.vs_tool is not None else "",
+            f"{r.vs_tool_with_digest:.2f}" if r.vs_tool_with_digest is not None else "",
+        ]
+        for r in results
+    ]
+    common.print_table(columns, rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = common.argument_parser(
+        __doc__,
+        "pipeline-commit-benchmark",
+        "commit_benchmark's storage (reused or built) and, in compression/, this run's tars and outputs",
+        repeat="method",
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="commit_benchmark's storage size factor")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per method (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="zstd workers for ours (the bytes do not change)")
     parser.add_argument("--compressible", type=Path, nargs="+", default=[Path(d) for d in DEFAULT_COMPRESSIBLE])
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "pipeline-commit-benchmark",
-        help="commit_benchmark's storage (reused or built) and, in compression/, this run's tars and outputs",
-    )
-    parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
     if args.scale <= 0 or args.repeat < 1 or args.threads < 1:
         parser.error("--scale must be > 0, --repeat and --threads >= 1")
@@ -287,16 +267,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for tool in ("tar", "pigz", "zstd"):
-        if shutil.which(tool) is None:
-            print(f"error: {tool} is not on PATH (Debian: apt-get install -y pigz zstd)", file=sys.stderr)
+    for program in ("tar", "pigz", "zstd"):
+        if shutil.which(program) is None:
+            print(f"error: {program} is not on PATH (Debian: apt-get install -y pigz zstd)", file=sys.stderr)
             return 2
-    workdir = args.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    storage = cb.ensure_storage(workdir, args.scale)
-    work = workdir / "compression"
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "out").mkdir(parents=True)
+    storage = common.ensure_storage(args.workdir, args.scale)
+    work = common.fresh_dir(args.workdir / "compression")
+    (work / "out").mkdir()
     cache = work / "cache"
     load_start = os.getloadavg()
     results: dict[tuple[str, str], Result] = {}
@@ -316,25 +293,23 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     run_tool(cache, records, m, work / "out")
                     digest_outputs(work / "out")
-        for i in range(args.repeat):
-            for data, records in inputs.items():
-                for m in METHODS:
-                    r = results[data, m.name]
-                    if m.tool:
-                        forget(cache, records, m)
-                        run: Callable[[], tuple[int, list[str]]] = functools.partial(
-                            run_ours, cache, records, m, args.threads
-                        )
-                    else:
-                        run = functools.partial(run_tool, cache, records, m, work / "out")
-                    wall, cpu, (size, digests) = timed(run)
-                    if m.tool and digests != expected[data, m.name]:
-                        raise BenchmarkError(f"{data}: {m.name}: digests differ from the warm-up run: {digests}")
-                    r.samples_s.append(wall)
-                    r.digest_s.append(0.0 if m.tool else digest_outputs(work / "out"))
-                    r.cpu_s.append(cpu)
-                    r.output_bytes = size
-                    print(f"  run {i + 1}/{args.repeat}: {data}: {m.name}: {wall:.2f}s", flush=True)
+        runs = [(data, m) for data in inputs for m in METHODS]
+        for i, (data, m) in common.alternating(runs, args.repeat):
+            records = inputs[data]
+            r = results[data, m.name]
+            if m.tool:
+                forget(cache, records, m)
+                run: Callable[[], tuple[int, list[str]]] = functools.partial(run_ours, cache, records, m, args.threads)
+            else:
+                run = functools.partial(run_tool, cache, records, m, work / "out")
+            sample, (size, digests) = common.measure(run)
+            if m.tool and digests != expected[data, m.name]:
+                raise BenchmarkError(f"{data}: {m.name}: digests differ from the warm-up run: {digests}")
+            r.samples_s.append(sample.seconds)
+            r.digest_s.append(0.0 if m.tool else digest_outputs(work / "out"))
+            r.cpu_s.append(sample.cpu_seconds)
+            r.output_bytes = size
+            print(f"  run {i + 1}/{args.repeat}: {data}: {m.name}: {sample.seconds:.2f}s", flush=True)
     except BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -365,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"ours: {library_version('gzip', 1)} (gzip -1), {library_version('gzip', 6)} (gzip -6), "
-        f"{library_version('zstd', 3)}; tools: {tool_version(['pigz', '--version'])}, "
-        f"{tool_version(['zstd', '--version'])}"
+        f"{library_version('zstd', 3)}; tools: {common.tool_version(['pigz', '--version'])}, "
+        f"{common.tool_version(['zstd', '--version'])}"
     )
     load_end = os.getloadavg()
     print(f"load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f}")
@@ -381,14 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             "load_average": [load_start[0], load_end[0]],
             "results": [asdict(r) for r in results.values()],
         }
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        common.write_json(args.json, doc)
     return 0
-
-
-def tool_version(argv: list[str]) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    line = (done.stdout or done.stderr).strip().splitlines()
-    return line[0].strip("* ") if line else argv[0]
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Measures snapshotting a fleet of containers on one image: the original's commit per container vs SnapshotAll.
 
 The storage: commit_benchmark's two-layer image (base ~300 MB in ~11,000 files, middle ~120 MB, both x --scale,
-built with its layer builder) and --containers containers on top, each with its own small change (a 1 MB file,
-50 small files and one whiteout deleting a base file; the same at every scale).
+built by common.build_image_layers) and --containers containers on top, each with its own small change (a 1 MB
+file, 50 small files and one whiteout deleting a base file; the same at every scale).
 
 Compared, all in the same run, on a warm page cache, each after a sync so no method pays for another's writeback:
 
@@ -22,7 +22,7 @@ stay in <workdir>/run/logs.
 "archive+layer bytes" are the bytes of the files created or rewritten (new inode, size, mtime or ctime) under
 OUT/snapshots and CACHE/blobs for ours, and of the layer tars and final archives for the original; "other bytes"
 is everything else written (catalog records, layer records, config/manifest JSON). Peak RSS is the largest
-ru_maxrss of any one process of the method, read through GNU time as in commit_benchmark.run_child; luigi's
+ru_maxrss of any one process of the method, read through GNU time as in common.run_child; luigi's
 worker processes are forked from it and waited for, so they are included. Below the table: SnapshotAll's own
 summary line of each run, and a note where the catalog's packed_layers disagree with the pack tasks luigi ran.
 
@@ -38,6 +38,7 @@ Usage: .venv/bin/python benchmarks/snapshot_benchmark.py [--scale 1.0] [--contai
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -46,15 +47,13 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import commit_benchmark as cb  # noqa: E402 - a sibling script, importable once its directory is on sys.path
+import common
+from common import MB, BenchmarkError
 
-MB = cb.MB
 FORMAT_VERSION = 1  # bump when the generated fleet changes, so an old one is rebuilt
 STAMP_COLD = "2026-11-28T0400"
 STAMP_UNCHANGED = "2026-11-28T0500"
@@ -85,16 +84,12 @@ def build_fleet_layer(diff: Path, index: int) -> tuple[int, int]:
     rng = random.Random(1000 + index)
     app = diff / "var/lib/app"
     app.mkdir(parents=True)
-    cb.write_random_file(app / "data.bin", MB, rng)
+    common.write_random_file(app / "data.bin", MB, rng)
     written = MB
-    cache = diff / "home/app/cache"
-    cache.mkdir(parents=True)
     for i in range(50):
-        size = rng.randint(1024, 16 * 1024)
-        cb.write_random_file(cache / f"f{i:02d}.dat", size, rng)
-        written += size
-    # commit_benchmark's base puts its first 100 small files in WHITEOUT_DIR as file00000.bin, file00001.bin, ...
-    doc = diff / cb.WHITEOUT_DIR
+        written += common.write_small_file(diff / "home/app/cache" / f"f{i:02d}.dat", rng)
+    # The image's base puts its first 100 small files in WHITEOUT_DIR as file00000.bin, file00001.bin, ...
+    doc = diff / common.WHITEOUT_DIR
     doc.mkdir(parents=True)
     os.mknod(doc / f"file{index % 100:05d}.bin", stat.S_IFCHR | 0o000, os.makedev(0, 0))
     return 52, written
@@ -105,42 +100,26 @@ def ensure_fleet(workdir: Path, scale: float, count: int) -> Path:
     home = workdir / f"fleet-scale{scale:g}-n{count}"
     wanted: dict[str, object] = {
         "version": FORMAT_VERSION,
-        "commit_benchmark_version": cb.FORMAT_VERSION,
+        "commit_benchmark_version": common.STORAGE_VERSION,
         "scale": scale,
         "n": count,
     }
-    if cb.reuse_built(home, wanted):
+    if common.reuse_built(home, wanted):
         return home / "root"
     print(f"storage: building {home / 'root'} at scale {scale:g} with {count} containers ...", flush=True)
     start = time.perf_counter()
     root = home / "root"
-    files = written = 0
-    for layer_id, spec in cb.layer_specs(scale).items():
-        diff = root / "overlay2" / layer_id / "diff"
-        diff.mkdir(parents=True)
-        n, size = cb.build_layer(diff, spec, whiteout_files=100 if layer_id == cb.BASE_ID else 0)
-        files += n
-        written += size
-    (root / "overlay2" / cb.MID_ID / "lower").write_text(f"{cb.BASE_ID}/diff")
+    files, written = common.build_image_layers(root, scale)
     for index, container_id in enumerate(fleet_ids(count)):
         layer = root / "overlay2" / container_id
         (layer / "diff").mkdir(parents=True)
         n, size = build_fleet_layer(layer / "diff", index)
         files += n
         written += size
-        (layer / "lower").write_text(f"{cb.BASE_ID}/diff:{cb.MID_ID}/diff")  # rocker's order: bottom first
-        config = {
-            "ID": container_id,
-            "Name": f"snap-bench-{index:02d}",
-            "Created": cb.CREATED,
-            "State": {"Running": False, "Pid": 0},
-            "Config": {"Cmd": ["/bin/sh"], "Image": ""},
-        }
-        (root / "containers" / container_id).mkdir(parents=True)
-        (root / "containers" / container_id / "config.json").write_text(json.dumps(config))
-    os.sync()
-    (home / "COMPLETE.json").write_text(json.dumps({**wanted, "files": files, "bytes": written}))
-    print(f"storage: {files} files, {written / MB:.0f} MB in {time.perf_counter() - start:.1f}s")
+        # rocker's order: bottom first
+        (layer / "lower").write_text(f"{common.BASE_ID}/diff:{common.MID_ID}/diff")
+        common.write_container_config(root, container_id, f"snap-bench-{index:02d}")
+    common.mark_built(home, wanted, files, written, start)
     return root
 
 
@@ -217,58 +196,19 @@ class Result:
     missed: list[str] = field(default_factory=list)
 
 
-def original_commit(root: Path, container_id: str, out: Path, log: Path, usage: cb.Usage) -> tuple[int, int]:
-    """The seed's commit of one container plus the config it lacks. Returns (layer tar + archive bytes, JSON bytes)."""
-    # getLayers: the lower file's "<id>/diff" entries, bottom first, then the container's own layer.
-    lower = (root / "overlay2" / container_id / "lower").read_text().strip()
-    layers = [item.split("/")[0] for item in lower.split(":") if item] + [container_id]
-    tmp = out.with_suffix(".tmpdir")
-    tmp.mkdir()
-    try:
-        members = []
-        for layer_id in layers:
-            (tmp / layer_id).mkdir(mode=0o700)
-            diff = root / "overlay2" / layer_id / "diff"
-            cb.run_child(["tar", "-C", str(diff), "-cf", str(tmp / layer_id / "layer.tar"), "."], usage, log=log)
-            members.append(f"{layer_id}/layer.tar")
-        diff_ids = []
-        for member in members:
-            line = cb.run_child(["sha256sum", str(tmp / member)], usage, log=log, capture=True)
-            diff_ids.append("sha256:" + line.split()[0].decode())
-        config = json.dumps(
-            {
-                "architecture": "amd64",
-                "os": "linux",
-                "created": cb.CREATED,
-                "config": {"Cmd": ["/bin/sh"]},
-                "rootfs": {"type": "layers", "diff_ids": diff_ids},
-            }
-        ).encode()
-        config_hex = hashlib.sha256(config).hexdigest()
-        (tmp / f"{config_hex}.json").write_bytes(config)
-        manifest = [{"Config": f"{config_hex}.json", "RepoTags": ["bench/original:latest"], "Layers": members}]
-        (tmp / "manifest.json").write_text(json.dumps(manifest))
-        (tmp / "repositories").write_text(json.dumps({"bench/original": {"latest": config_hex}}))
-        files = [*members, f"{config_hex}.json", "repositories", "manifest.json"]
-        cb.run_child(["tar", "-C", str(tmp), "-cf", str(out), *files], usage, log=log)
-        layer_bytes = sum((tmp / m).stat().st_size for m in members)
-        json_bytes = sum((tmp / f).stat().st_size for f in files[len(members) :])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return layer_bytes + out.stat().st_size, json_bytes
-
-
 def run_original(root: Path, ids: list[str], run_dir: Path) -> Result:
     """The seed's method for every container, one after another; the sum of the per-container times."""
     result = Result(ORIGINAL, len(ids))
-    usage = cb.Usage()
+    usage = common.Usage()
     out_dir = run_dir / "original"
     out_dir.mkdir()
+    log = run_dir / "logs" / "original.log"
     for container_id in ids:
         out = out_dir / f"{container_id[:12]}.tar"
-        start = time.perf_counter()
-        archive_bytes, json_bytes = original_commit(root, container_id, out, run_dir / "logs" / "original.log", usage)
-        result.total_s += time.perf_counter() - start
+        # No sync between containers: the caller syncs once before the fleet, which is timed as one run.
+        commit = functools.partial(common.original_commit, root, container_id, out, log, usage)
+        sample, (archive_bytes, json_bytes) = common.measure(commit, sync=False)
+        result.total_s += sample.seconds
         result.archive_layer_bytes += archive_bytes
         result.other_bytes += json_bytes
         out.unlink()
@@ -317,17 +257,15 @@ def run_snapshot_all(ours: Ours, method: str, stamp: str, count: int) -> tuple[R
         ours.image_format,
         "--local-scheduler",
     ]
-    usage = cb.Usage()
+    usage = common.Usage()
     log = ours.logs / f"snapshot-{stamp}.log"
-    start = time.perf_counter()
-    cb.run_child(argv, usage, cwd=cb.REPO_ROOT, log=log)
-    elapsed = time.perf_counter() - start
+    sample, _ = common.measure(lambda: common.run_child(argv, usage, cwd=common.REPO_ROOT, log=log))
     heavy = find_writes(heavy_before, read_files(ours.heavy_dirs()))
     everything = find_writes(all_before, read_files(ours.all_dirs()))
     result = Result(
         method,
         count,
-        total_s=elapsed,
+        total_s=sample.seconds,
         archive_layer_bytes=heavy.bytes,
         other_bytes=everything.bytes - heavy.bytes,
         peak_rss_mib=usage.maxrss_kib / 1024,
@@ -393,12 +331,12 @@ def check_archive(out: Path, container_id: str, stamp: str) -> list[str]:
                 ["skopeo", "inspect", f"oci:{archive}:{stamp}"], capture_output=True, text=True, check=False
             )
             if done.returncode != 0:
-                raise cb.BenchmarkError(f"skopeo inspect oci:{archive}:{stamp} failed: {done.stderr.strip()}")
+                raise BenchmarkError(f"skopeo inspect oci:{archive}:{stamp} failed: {done.stderr.strip()}")
             layers = json.loads(done.stdout)["Layers"]
         else:
-            cb.skopeo_check(archive)
-            layers = cb.archive_layers(archive)
-    except (cb.BenchmarkError, OSError, KeyError, ValueError) as e:
+            common.skopeo_check(archive)
+            layers = common.archive_layers(archive)
+    except (BenchmarkError, OSError, KeyError, ValueError) as e:
         return [f"{stamp}: {archive}: {e}"]
     return [] if len(layers) == 3 else [f"{stamp}: {archive} has {len(layers)} layers, expected 3"]
 
@@ -438,20 +376,28 @@ def mark(r: Result, value: str, name: str) -> str:
 
 
 def print_table(results: list[Result]) -> None:
-    header = (
-        f"{'method':<25} {'total s':>14} {'s/container':>11} {'x original':>16} {'archive+layer bytes':>26}"
-        f" {'other bytes':>11} {'peak RSS MiB':>19}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        ratio = f"{r.ratio_to_original:.3f}" if r.ratio_to_original is not None else "-"
-        print(
-            f"{r.method:<25} {mark(r, f'{r.total_s:.2f}', 'total_s'):>14} {r.per_container_s:>11.3f}"
-            f" {mark(r, ratio, 'ratio_to_original'):>16}"
-            f" {mark(r, format_bytes(r.archive_layer_bytes), 'archive_layer_bytes'):>26}"
-            f" {format_bytes(r.other_bytes):>11} {mark(r, f'{r.peak_rss_mib:.1f}', 'peak_rss_mib'):>19}"
-        )
+    columns = [
+        ("method", -25),
+        ("total s", 14),
+        ("s/container", 11),
+        ("x original", 16),
+        ("archive+layer bytes", 26),
+        ("other bytes", 11),
+        ("peak RSS MiB", 19),
+    ]
+    rows = [
+        [
+            r.method,
+            mark(r, f"{r.total_s:.2f}", "total_s"),
+            f"{r.per_container_s:.3f}",
+            mark(r, f"{r.ratio_to_original:.3f}" if r.ratio_to_original is not None else "-", "ratio_to_original"),
+            mark(r, format_bytes(r.archive_layer_bytes), "archive_layer_bytes"),
+            format_bytes(r.other_bytes),
+            mark(r, f"{r.peak_rss_mib:.1f}", "peak_rss_mib"),
+        ]
+        for r in results
+    ]
+    common.print_table(columns, rows)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -460,17 +406,12 @@ def print_table(results: list[Result]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = common.argument_parser(
+        __doc__, "pipeline-snapshot-benchmark", "generated storage (reused), outputs and logs"
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="image size factor (1.0: ~420 MB in two layers)")
     parser.add_argument("--containers", type=int, default=20, help="containers on the shared image")
     parser.add_argument("--workers", type=int, default=2, help="luigi --workers for SnapshotAll")
-    parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "pipeline-snapshot-benchmark",
-        help="generated storage (reused), outputs and logs",
-    )
     parser.add_argument(
         "--format",
         default="both",
@@ -487,17 +428,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    luigi = cb.find_luigi(("tar", "sha256sum", "skopeo"))
+    luigi = common.find_luigi(("tar", "sha256sum", "skopeo"))
     if luigi is None:
         return 2
-    workdir = args.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir: Path = args.workdir
     root = ensure_fleet(workdir, args.scale, args.containers)
     ids = fleet_ids(args.containers)
 
     run_dir = workdir / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    (run_dir / "logs").mkdir(parents=True)
+    (common.fresh_dir(run_dir) / "logs").mkdir()
     ours = Ours(luigi, root, run_dir / "out", run_dir / "cache", run_dir / "logs", args.workers, args.format)
     changed_file = root / "overlay2" / ids[0] / "diff" / "home/app/changed-by-benchmark.txt"
     changed_file.unlink(missing_ok=True)  # left by an interrupted earlier run
@@ -508,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def time_ours(method: str, stamp: str, new: set[str], image_packs: int) -> Writes:
         """Time one SnapshotAll run and check what it did: its records, its pack tasks, one new archive."""
-        os.sync()
         print(f"timing: {method} ...", flush=True)
         result, writes = run_snapshot_all(ours, method, stamp, len(ids))
         results.append(result)
@@ -542,13 +480,13 @@ def main(argv: list[str] | None = None) -> int:
                 time_ours(OURS_CHANGED, STAMP_CHANGED, {ids[0]}, image_packs=0)
             finally:
                 changed_file.unlink(missing_ok=True)
-    except (cb.BenchmarkError, OSError) as e:
+    except (BenchmarkError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         print(f"outputs and logs kept in {run_dir}", file=sys.stderr)
         return 1
 
     apply_targets(results)
-    rss_source = "GNU time %M (child's wait4 ru_maxrss)" if cb.gnu_time() else "os.wait4 (floored at this script's RSS)"
+    rss_source = common.peak_rss_source()
     print()
     print(
         f"scale {args.scale:g}, {len(ids)} containers, SnapshotAll --workers {args.workers}, {os.cpu_count()} CPUs,"
@@ -580,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             "notes": notes,
             "problems": problems,
         }
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        common.write_json(args.json, doc)
     if problems:
         print("\nSnapshotAll MISBEHAVED:", file=sys.stderr)
         for line in problems:
