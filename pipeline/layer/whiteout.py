@@ -1,4 +1,4 @@
-"""Overlayfs markers in a layer_dir translated to OCI whiteouts.
+"""The overlayfs whiteout rules: one converter says what an OCI layer tar holds for each entry of a layer_dir.
 
 Spec: https://github.com/opencontainers/image-spec/blob/main/layer.md#whiteouts and the kernel's
 Documentation/filesystems/overlayfs.rst ("whiteouts and opaque directories", "redirect_dir", "metacopy").
@@ -6,14 +6,22 @@ Documentation/filesystems/overlayfs.rst ("whiteouts and opaque directories", "re
 
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 from pipeline.errors import LayerError
 
-# A file deleted from a lower layer is packed as an empty file named WHITEOUT_PREFIX + its name.
-WHITEOUT_PREFIX = b".wh."
-# A directory whose lower content is hidden gets a child entry with this name.
-OPAQUE_MARKER = b".wh..wh..opq"
+# The names an OCI layer tar gives overlay's markers:
+WHITEOUT_PREFIX = b".wh."  # an empty file named .wh.<name> deletes the lower entry <name>
+OPAQUE_MARKER = b".wh..wh..opq"  # an empty file of this name hides all a directory's lower layers hold below it
+
+# The xattrs that are overlay's markers in a layer_dir (each after "<namespace>.overlay.", OVERLAY_XATTRS); the
+# kernel's own whiteout, a character device 0/0, needs none:
+_OPAQUE = "opaque"  # "y" on a directory: its lower content is hidden ("x", kernel 6.7+: it holds xattr whiteouts)
+_WHITEOUT = "whiteout"  # on a zero-size regular file (kernel 6.7+): a whiteout, as a 0/0 character device is
+_REDIRECT = "redirect"  # on a directory renamed with redirect_dir on: its lower content sits under another path
+_METACOPY = "metacopy"  # on a file copied up with metacopy on: its data still lives in a lower layer
 
 # overlayfs keeps its markers in trusted.overlay.*, or in user.overlay.* when mounted with "userxattr" (kernel
 # Documentation/filesystems/overlayfs.rst, "userxattr"), as rootless engines mount it. A mount reads only its own
@@ -22,6 +30,50 @@ OPAQUE_MARKER = b".wh..wh..opq"
 # container.Layer), never from both; None means a merged view, whose markers the kernel has applied and hidden.
 OVERLAY_XATTRS = ("trusted", "user")
 OVERLAY_XATTR_PREFIXES = tuple(f"{namespace}.overlay." for namespace in OVERLAY_XATTRS)
+
+
+@dataclass(frozen=True, slots=True)
+class Plain:
+    """An entry written as what it is, carrying only the xattrs an image keeps (kept_xattrs)."""
+
+    name: bytes
+    xattrs: dict[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Whiteout:
+    """A deleted lower entry, written as an empty regular file named WHITEOUT_PREFIX + its name, without xattrs."""
+
+    name: bytes  # already prefixed
+
+
+@dataclass(frozen=True, slots=True)
+class OpaqueDirectory:
+    """A directory hiding its lower content, written as a directory with the kept xattrs and then its child
+    OPAQUE_MARKER, an empty regular file."""
+
+    name: bytes
+    xattrs: dict[str, bytes]
+
+
+Conversion: TypeAlias = Plain | Whiteout | OpaqueDirectory
+
+
+def convert(path: bytes, st: os.stat_result, xattrs: dict[str, bytes], overlay_xattrs: str | None) -> Conversion:
+    """What to write for the layer_dir entry at path (its lstat st, all its xattrs), whose markers are overlay_xattrs'.
+
+    The one place an entry's markers are read. Refuses, naming path, what a layer tar cannot express: a real file
+    named like a marker, or an entry written with redirect_dir or metacopy on (check_not_marker, check_supported).
+    """
+    name = path.rpartition(b"/")[2]
+    if is_whiteout(st.st_mode, st.st_rdev, xattrs, overlay_xattrs):
+        check_supported(path, xattrs, overlay_xattrs)
+        return Whiteout(WHITEOUT_PREFIX + name)
+    check_not_marker(path, name)
+    check_supported(path, xattrs, overlay_xattrs)
+    if stat.S_ISDIR(st.st_mode) and is_opaque(xattrs, overlay_xattrs):
+        return OpaqueDirectory(name, kept_xattrs(xattrs))
+    return Plain(name, kept_xattrs(xattrs))
 
 
 def _marker(overlay_xattrs: str | None, name: str) -> str | None:
@@ -37,24 +89,19 @@ def is_whiteout(mode: int, rdev: int, xattrs: dict[str, bytes], overlay_xattrs: 
     """Whether an entry of a layer_dir records the deletion of a lower entry."""
     if stat.S_ISCHR(mode) and rdev == 0:
         return True
-    # Kernel 6.7+ may write a whiteout as a zero-size file carrying overlay.whiteout instead of a 0/0 device.
-    marker = _marker(overlay_xattrs, "whiteout")
+    marker = _marker(overlay_xattrs, _WHITEOUT)
     return stat.S_ISREG(mode) and marker is not None and marker in xattrs
 
 
 def is_opaque(xattrs: dict[str, bytes], overlay_xattrs: str | None) -> bool:
-    """Whether a directory hides everything its lower layers hold under the same path.
-
-    The value "x" (kernel 6.7+) only says the directory may contain xattr whiteouts; it is not opaque.
-    """
-    marker = _marker(overlay_xattrs, "opaque")
+    """Whether a directory hides everything its lower layers hold under the same path."""
+    marker = _marker(overlay_xattrs, _OPAQUE)
     return marker is not None and xattrs.get(marker) == b"y"
 
 
 def check_supported(path: bytes, xattrs: dict[str, bytes], overlay_xattrs: str | None) -> None:
     """Refuse entries whose content is defined by overlay features a plain walk of diff/ cannot reproduce."""
-    # With redirect_dir/metacopy the upper entry's data lives elsewhere: diff/ alone does not hold the truth.
-    for name in (_marker(overlay_xattrs, "redirect"), _marker(overlay_xattrs, "metacopy")):
+    for name in (_marker(overlay_xattrs, _REDIRECT), _marker(overlay_xattrs, _METACOPY)):
         if name is not None and name in xattrs:
             raise LayerError(
                 f"{path.decode(errors='replace')}: has {name}; the layer was written with overlay redirect_dir or"
@@ -70,11 +117,6 @@ def check_not_marker(path: bytes, name: bytes) -> None:
             f"{path.decode(errors='replace')}: a file named '{WHITEOUT_PREFIX.decode()}*' would be read as a whiteout"
             " by every image loader; rename or remove it in the container before committing"
         )
-
-
-def whiteout_name(name: bytes) -> bytes:
-    """The tar name that deletes the lower entry called name."""
-    return WHITEOUT_PREFIX + name
 
 
 def kept_xattrs(xattrs: dict[str, bytes]) -> dict[str, bytes]:

@@ -1,8 +1,8 @@
 """Packs one overlay layer_dir into an OCI layer tar in one streaming pass, hashing while writing.
 
 Spec: https://github.com/opencontainers/image-spec/blob/main/layer.md. Entries are sorted by their tar path
-bytes, overlay whiteouts and opaque directories are translated (pipeline.layer.whiteout), and the diff_id is the
-sha256 of exactly the bytes written.
+bytes, each is converted once, as its directory is listed, by the whiteout rules (pipeline.layer.whiteout.convert),
+and the diff_id is the sha256 of exactly the bytes written.
 """
 
 import errno
@@ -15,7 +15,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, assert_never
 
 from pipeline import jsoncheck
 from pipeline.errors import LayerError, SourceChanged
@@ -75,7 +75,7 @@ class _Entry:
     tar_name: bytes  # the name this entry gets in the tar (from _list_dir: relative to its directory); the sort key
     name: bytes  # its name in the parent directory
     st: os.stat_result
-    xattrs: dict[str, bytes]
+    conversion: whiteout.Conversion  # what to write for it
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def write_layer(
     hardlinks: dict[tuple[int, int], bytes] = {}
     try:
         for parent_fd, prefix, entry in _walk(root_fd, layer_dir, overlay_xattrs):
-            _write_entry(sink, parent_fd, prefix, entry, layer_dir, hardlinks, clamp_mtime, overlay_xattrs)
+            _write_entry(sink, parent_fd, prefix, entry, layer_dir, hardlinks, clamp_mtime)
             if progress is not None and stat.S_ISREG(entry.st.st_mode):
                 progress(sink.size)
     finally:
@@ -311,6 +311,7 @@ def _list_dir(fd: int, layer_dir: Path, prefix: bytes, overlay_xattrs: str | Non
         text_names = os.listdir(fd)
     except OSError as e:
         raise LayerError(f"{_describe(layer_dir, prefix)}: cannot list ({e.strerror}); {_remedy(e)}") from e
+    where = _describe_bytes(layer_dir, prefix)  # the path of this directory, for errors naming an entry
     for text_name in text_names:
         name = os.fsencode(text_name)
         try:
@@ -318,13 +319,11 @@ def _list_dir(fd: int, layer_dir: Path, prefix: bytes, overlay_xattrs: str | Non
         except FileNotFoundError as e:
             raise SourceChanged(_describe(layer_dir, prefix + name) + ": vanished while the layer was packed") from e
         xattrs = _read_xattrs(fd, name, layer_dir, prefix)
-        if whiteout.is_whiteout(st.st_mode, st.st_rdev, xattrs, overlay_xattrs):
-            tar_name = whiteout.whiteout_name(name)
-        else:
-            whiteout.check_not_marker(_describe_bytes(layer_dir, prefix + name), name)
-            # Directories sort as "name/" so that a walk in this order is also ordered by full tar path.
-            tar_name = name + (b"/" if stat.S_ISDIR(st.st_mode) else b"")
-        entries.append(_Entry(tar_name, name, st, xattrs))
+        # Converted here rather than when written: a whiteout's tar name, not its own, decides where it sorts.
+        conversion = whiteout.convert(where + name, st, xattrs, overlay_xattrs)
+        # Directories sort as "name/" so that a walk in this order is also ordered by full tar path.
+        tar_name = conversion.name + (b"/" if stat.S_ISDIR(st.st_mode) else b"")
+        entries.append(_Entry(tar_name, name, st, conversion))
     # Relative tar names (_walk prepends the prefix they share) and last first, for _walk to pop.
     entries.sort(key=lambda e: e.tar_name, reverse=True)
     return entries
@@ -382,25 +381,44 @@ def _write_entry(
     layer_dir: Path,
     hardlinks: dict[tuple[int, int], bytes],
     clamp_mtime: int | None,
-    overlay_xattrs: str | None,
 ) -> None:
-    st, xattrs = entry.st, entry.xattrs
-    whiteout.check_supported(_describe_bytes(layer_dir, prefix + entry.name), xattrs, overlay_xattrs)
+    st = entry.st
     # Whole seconds from the integer nanoseconds: the float st_mtime rounds x.999999999 up to the next second.
     seconds = st.st_mtime_ns // 1_000_000_000
     mtime = seconds if clamp_mtime is None else min(seconds, clamp_mtime)
     common: dict[str, Any] = {"uid": st.st_uid, "gid": st.st_gid, "mtime": mtime}
+    match entry.conversion:
+        case whiteout.Whiteout():
+            _write_marker(sink, entry.tar_name, common)
+        case whiteout.OpaqueDirectory(xattrs=kept):
+            header = Header(entry.tar_name, tarheader.DIRECTORY, st.st_mode, xattrs=kept, **common)
+            sink.write(tarheader.build_header(header))
+            _write_marker(sink, entry.tar_name + whiteout.OPAQUE_MARKER, common)
+        case whiteout.Plain(xattrs=kept):
+            _write_plain(sink, fd, prefix, entry, layer_dir, kept, hardlinks, common)
+        case unknown:
+            assert_never(unknown)
+
+
+def _write_marker(sink: HashingSink, tar_name: bytes, common: dict[str, Any]) -> None:
+    # moby writes whiteouts as empty 0600 files; owners and mtime are kept for reproducibility.
+    sink.write(tarheader.build_header(Header(tar_name, tarheader.REGULAR, mode=0o600, **common)))
+
+
+def _write_plain(
+    sink: HashingSink,
+    fd: int,
+    prefix: bytes,
+    entry: _Entry,
+    layer_dir: Path,
+    kept: dict[str, bytes],
+    hardlinks: dict[tuple[int, int], bytes],
+    common: dict[str, Any],
+) -> None:
+    st = entry.st
     mode = st.st_mode
-    if whiteout.is_whiteout(mode, st.st_rdev, xattrs, overlay_xattrs):
-        # moby writes whiteouts as empty 0600 files; owners and mtime are kept for reproducibility.
-        sink.write(tarheader.build_header(Header(entry.tar_name, tarheader.REGULAR, mode=0o600, **common)))
-        return
-    kept = whiteout.kept_xattrs(xattrs)
     if stat.S_ISDIR(mode):
         sink.write(tarheader.build_header(Header(entry.tar_name, tarheader.DIRECTORY, mode, xattrs=kept, **common)))
-        if whiteout.is_opaque(xattrs, overlay_xattrs):
-            marker = entry.tar_name + whiteout.OPAQUE_MARKER
-            sink.write(tarheader.build_header(Header(marker, tarheader.REGULAR, mode=0o600, **common)))
     elif stat.S_ISREG(mode):
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in hardlinks:
