@@ -1,4 +1,4 @@
-"""Shared fixtures: the root requirement and helpers to read the layer tars the pipeline writes."""
+"""Shared fixtures, and the hook that skips (with the reason) a test whose markers ask for what this host lacks."""
 
 import os
 import shutil
@@ -11,22 +11,39 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pipeline.demo import build_sample_storage
+from tests.support.dockerd import docker_missing_reason
+from tests.support.overlay_storage import requires_root_reason
 
 if TYPE_CHECKING:
-    from tests.cgroups import Cgroup
+    from tests.support.cgroups import Cgroup
 
 IS_ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (device nodes, trusted.* xattrs, overlay mounts)")
-TOOLS = ("skopeo", "umoci", "podman")
-needs_tools = pytest.mark.skipif(
-    not all(shutil.which(t) for t in TOOLS), reason=f"needs {', '.join(TOOLS)} (./dev setup installs them as root)"
-)
+TOOLS = ("skopeo", "umoci", "podman")  # what @pytest.mark.tools without arguments needs
+DEV_TOOLS = (*TOOLS, "docker-registry")  # the commands ./dev setup installs
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip, with the reason, a test whose markers (declared in pyproject.toml) ask for what this host lacks.
+
+    Runs before the test's fixtures are set up, so a skipped test never builds overlay storage or starts dockerd.
+    """
+    if item.get_closest_marker("root") is not None and not IS_ROOT:
+        pytest.skip("needs root (device nodes, trusted.* xattrs, overlay mounts)")
+    if item.get_closest_marker("overlay") is not None and (reason := requires_root_reason()) is not None:
+        pytest.skip(reason)
+    for marker in item.iter_markers("tools"):
+        missing = [tool for tool in marker.args or TOOLS if shutil.which(tool) is None]
+        if missing:
+            pytest.skip(f"needs {', '.join(missing)} on PATH (./dev setup installs {', '.join(DEV_TOOLS)} as root)")
+    if item.get_closest_marker("docker") is not None and (reason := docker_missing_reason()) is not None:
+        pytest.skip(reason)
 
 
 @pytest.fixture
 def cgroup(request: pytest.FixtureRequest) -> Iterator["Cgroup"]:
-    """A temporary real cgroup of the version given by indirect parametrization (tests.cgroups.VERSIONS)."""
-    from tests.cgroups import Cgroup, cgroup_mount
+    """A temporary real cgroup of the version given by indirect parametrization (tests.support.cgroups.VERSIONS)."""
+    from tests.support.cgroups import Cgroup, cgroup_mount
 
     version: int = request.param
     mount = cgroup_mount(version)
@@ -39,16 +56,14 @@ def cgroup(request: pytest.FixtureRequest) -> Iterator["Cgroup"]:
         group.remove()
 
 
-# --- a private Docker Engine (tests/dockerd.py), one for the whole session ---------------------------------------
+# --- a private Docker Engine (tests/support/dockerd.py), one for the whole session -------------------------------
 
 
 @pytest.fixture(scope="session")
 def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Dockerd"]:
     """A private offline dockerd, started once per session and always stopped at its end (even after failures)."""
-    from tests.dockerd import docker_missing_reason, start_dockerd
+    from tests.support.dockerd import start_dockerd
 
-    if (reason := docker_missing_reason()) is not None:
-        pytest.skip(reason)
     daemon = start_dockerd(tmp_path_factory.mktemp("dockerd"))
     try:
         yield daemon
@@ -59,7 +74,7 @@ def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Dockerd"]:
 @pytest.fixture(scope="session")
 def busybox_image(dockerd: "Dockerd") -> str:
     """pipeline-test/busybox:latest imported into the session's dockerd (one layer, made offline)."""
-    from tests.dockerd import import_busybox
+    from tests.support.dockerd import import_busybox
 
     ref = "pipeline-test/busybox:latest"
     import_busybox(dockerd, ref)
@@ -67,7 +82,7 @@ def busybox_image(dockerd: "Dockerd") -> str:
 
 
 if TYPE_CHECKING:
-    from tests.dockerd import Dockerd
+    from tests.support.dockerd import Dockerd
 
 
 @pytest.fixture(scope="session")

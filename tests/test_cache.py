@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.commit import pack_image_layer
 from pipeline.engines.container import Layer
+from pipeline.packing import pack_image_layer
 from pipeline.store.cache import LayerCache
-from tests.tarsplit_records import disassemble, write_tar_split
+from tests.support.tarsplit_records import disassemble, write_tar_split
 
 
 def _original(layer_dir: Path, tmp_path: Path) -> tuple[Path, str]:

@@ -26,11 +26,11 @@ from typing import Any
 import pytest
 
 from pipeline.demo import build_sample_storage
-from tests.cli import REPO, tree_fingerprint
-from tests.conftest import TOOLS, needs_root
-from tests.fleet import add_container, set_fixed_mtimes
-from tests.imagecheck import check_image_archive, compare_trees, unpack_layers_with_python
-from tests.luigid import (  # noqa: F401 - the `luigid` fixture
+from tests.conftest import TOOLS
+from tests.support.cli import REPO, tree_fingerprint
+from tests.support.fleet import add_container, set_fixed_mtimes
+from tests.support.imagecheck import check_image_archive, compare_trees, unpack_layers_with_python
+from tests.support.luigid import (  # noqa: F401 - the `luigid` fixture
     HOST,
     Luigid,
     free_port,
@@ -38,7 +38,7 @@ from tests.luigid import (  # noqa: F401 - the `luigid` fixture
     run_luigid,
     scrubbed_env,
 )
-from tests.overlay_storage import (
+from tests.support.overlay_storage import (
     BASE_LAYER_ID,
     MID_LAYER_ID,
     TreeView,
@@ -46,10 +46,7 @@ from tests.overlay_storage import (
     container_id_for,
     read_entry,
     read_tree,
-    requires_root_reason,
 )
-
-needs_overlay = pytest.mark.skipif(requires_root_reason() is not None, reason=str(requires_root_reason()))
 
 STAMP = "2026-11-28T0400"  # both runs pass the same --snapshot, so they schedule the same task ids
 NAMES = ("web-1", *(f"web-{i}" for i in range(2, 21)))  # web-1 is build_rocker_storage's own container
@@ -127,7 +124,7 @@ def two_runs(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> TwoRuns:
     )
 
 
-@needs_overlay
+@pytest.mark.overlay
 def test_two_runs_through_one_luigid_archive_every_container_once(
     fleet: Fleet, two_runs: TwoRuns, tmp_path: Path
 ) -> None:
@@ -150,7 +147,7 @@ def test_two_runs_through_one_luigid_archive_every_container_once(
         check_image_archive(_archive(two_runs.out, name), fleet.views[name], tmp_path / "check", ref=f"{name}:{STAMP}")
 
 
-@needs_overlay
+@pytest.mark.overlay
 def test_two_runs_through_one_luigid_pack_each_layer_once_in_total(fleet: Fleet, two_runs: TwoRuns) -> None:
     log = "\n".join(two_runs.logs)
     layer_ids = [BASE_LAYER_ID, MID_LAYER_ID, *(container_id_for(name) for name in NAMES)]
@@ -162,7 +159,7 @@ def test_two_runs_through_one_luigid_pack_each_layer_once_in_total(fleet: Fleet,
     assert log.count(PACKED) == len(layer_ids)
 
 
-@needs_overlay
+@pytest.mark.overlay
 def test_two_runs_through_one_luigid_leave_every_task_done_and_the_storage_untouched(two_runs: TwoRuns) -> None:
     unfinished = {s: [t["display_name"] for t in two_runs.tasks[s].values()] for s in STATUSES if s != "DONE"}
     assert unfinished == {s: [] for s in STATUSES if s != "DONE"}
@@ -173,7 +170,7 @@ def test_two_runs_through_one_luigid_leave_every_task_done_and_the_storage_untou
     assert two_runs.storage_unchanged, "a run wrote into the source storage"
 
 
-@needs_overlay
+@pytest.mark.overlay
 def test_two_runs_through_one_luigid_both_exit_zero(two_runs: TwoRuns) -> None:
     assert two_runs.returncodes == (0, 0), _summaries(two_runs.logs)
 
@@ -213,7 +210,7 @@ def test_a_packing_layer_shows_bytes_and_percentage_in_luigid(luigid: Luigid, tm
     }
 
 
-@needs_root
+@pytest.mark.root
 def test_the_plain_command_commits_without_any_luigid(tmp_path: Path) -> None:
     """`luigi --module pipeline CommitImage --id X` exactly as users type it: no --local-scheduler, no luigid."""
     root = tmp_path / "storage"
@@ -252,7 +249,7 @@ def test_an_unreachable_luigid_is_one_error_line_at_once(how: str, tmp_path: Pat
     assert not output.exists()
 
 
-@needs_root
+@pytest.mark.root
 def test_plain_luigi_ignores_scheduler_flags_while_the_config_says_local(luigid: Luigid, tmp_path: Path) -> None:
     """What the README warns of: luigi.cfg's local_scheduler = true beats plain luigi's --scheduler-* flags (its
     --local-scheduler can only switch it on), so that run never reaches luigid; pipeline-run's does."""

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import commit_args, error_lines, run_luigi
-from tests.conftest import needs_tools
-from tests.imagecheck import check_image_archive, read_archive_manifest
-from tests.overlay_storage import RockerStorage, build_rocker_storage, requires_root_reason
+from tests.support.cli import commit_args, error_lines, run_luigi
+from tests.support.imagecheck import check_image_archive, read_archive_manifest
+from tests.support.overlay_storage import RockerStorage, build_rocker_storage
 
-needs_overlay = pytest.mark.skipif(requires_root_reason() is not None, reason=str(requires_root_reason()))
+pytestmark = pytest.mark.overlay
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,6 @@ def _config(archive: Path) -> dict[str, object]:
         return doc
 
 
-@needs_overlay
 def test_metadata_options_shape_the_config_and_iidfile_names_it(storage: RockerStorage, tmp_path: Path) -> None:
     extra = tmp_path / "extra.json"
     extra.write_text(json.dumps({"Env": ["FROM_FILE=yes"], "Labels": {"team": "infra"}}))
@@ -53,7 +51,6 @@ def test_metadata_options_shape_the_config_and_iidfile_names_it(storage: RockerS
     assert (tmp_path / "iid").read_text() == "sha256:" + manifest["Config"].rsplit("/", 1)[1]
 
 
-@needs_overlay
 def test_invalid_change_is_refused_before_anything_is_written(storage: RockerStorage, tmp_path: Path) -> None:
     args = commit_args(storage.root, tmp_path, "--id", storage.container_id, "--change", "RUN make")
     result = run_luigi(*args)
@@ -63,8 +60,7 @@ def test_invalid_change_is_refused_before_anything_is_written(storage: RockerSto
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
-@needs_overlay
-@needs_tools
+@pytest.mark.tools
 def test_squash_gives_one_layer_equal_to_the_merged_view(storage: RockerStorage, tmp_path: Path) -> None:
     archive = tmp_path / "squashed.tar"
     args = commit_args(storage.root, tmp_path, "--id", storage.container_id, "--image", "web:squashed")

@@ -34,13 +34,15 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
 
-from tests.cli import commit_args, error_lines, run_luigi
-from tests.conftest import needs_tools
-from tests.imagecheck import check_image_archive, compare_trees, read_archive_manifest, unpack_layers_with_python
-from tests.overlay_storage import TreeView, build_rocker_storage, overlay_mount, read_tree, requires_root_reason
-from tests.registry_server import RegistryServer, serve_registry
-
-needs_overlay = pytest.mark.skipif(requires_root_reason() is not None, reason=str(requires_root_reason()))
+from tests.support.cli import commit_args, error_lines, run_luigi
+from tests.support.imagecheck import (
+    check_image_archive,
+    compare_trees,
+    read_archive_manifest,
+    unpack_layers_with_python,
+)
+from tests.support.overlay_storage import TreeView, build_rocker_storage, overlay_mount, read_tree
+from tests.support.registry_server import RegistryServer, serve_registry
 
 NAME = "sm-web"  # the container's name, which --id is given
 IMAGE = "sm/c:latest"  # the archive's RepoTags, and what podman knows the loaded image by
@@ -503,10 +505,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServe
         yield server
 
 
-@pytest.mark.root
 @pytest.mark.tools
-@needs_overlay
-@needs_tools
+@pytest.mark.overlay
 def test_a_successful_run_holds_the_container_as_it_was_during_it(
     tmp_path: Path, registry: RegistryServer | None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -525,8 +525,7 @@ def test_a_successful_run_holds_the_container_as_it_was_during_it(
             print(f"\n[commit state machine] {time.monotonic() - started:.1f} s; {stats}")
 
 
-@pytest.mark.root
-@needs_overlay
+@pytest.mark.overlay
 def test_commit_after_a_layer_record_was_deleted(tmp_path: Path) -> None:
     """A regression the machine above found (delete_cache_files in layers/, then a commit): with one layer record
     gone but its commit's config.json still there, WriteRepositories was found complete against the old config

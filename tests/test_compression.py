@@ -7,7 +7,6 @@ import io
 import json
 import os
 import random
-import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -19,7 +18,7 @@ import zstandard
 from pipeline.errors import LayerError, OutputError, PipelineError
 from pipeline.layer.writer import LayerRecord
 from pipeline.store import compression
-from pipeline.store.compression import CompressedBlob, compress_blob, default_level, mapping_path, write_compressed
+from pipeline.store.compression import StoredBlob, compress_blob, default_level, mapping_path, write_compressed
 
 # gzip 0 is zlib's stored mode, 1-3 ISA-L's levels, 4-9 zlib's; each backend writes its own header.
 SETTINGS = [("gzip", 0), ("gzip", 1), ("gzip", 3), ("gzip", 6), ("zstd", 1), ("zstd", 3)]
@@ -48,7 +47,7 @@ def cache_with_tar(cache: Path, data: bytes) -> LayerRecord:
     return record
 
 
-def blob_path(cache: Path, blob: CompressedBlob) -> Path:
+def blob_path(cache: Path, blob: StoredBlob) -> Path:
     return cache / "blobs" / "sha256" / blob.hex
 
 
@@ -121,7 +120,7 @@ def test_second_call_returns_the_cached_blob_without_compressing(
     mapping = mapping_path(tmp_path, record.diff_id, "zstd", 3)
     before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (blob_path(tmp_path, first), mapping)]
 
-    def fail(*args: object, **kwargs: object) -> CompressedBlob:
+    def fail(*args: object, **kwargs: object) -> StoredBlob:
         raise AssertionError("compressed again")
 
     monkeypatch.setattr(compression, "write_compressed", fail)
@@ -278,7 +277,7 @@ def test_full_disk_is_an_output_error_and_leaves_no_partial_file(
     record = cache_with_tar(tmp_path, layer_tar)
     real = compression.write_compressed
 
-    def fill_disk(source: BinaryIO, out: BinaryIO, *args: Any, **kwargs: Any) -> CompressedBlob:
+    def fill_disk(source: BinaryIO, out: BinaryIO, *args: Any, **kwargs: Any) -> StoredBlob:
         real(source, out, *args, **kwargs)
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -289,7 +288,7 @@ def test_full_disk_is_an_output_error_and_leaves_no_partial_file(
     assert not (tmp_path / "compressed").exists()
 
 
-def write_oci_layout(dest: Path, cache: Path, record: LayerRecord, blob: CompressedBlob) -> None:
+def write_oci_layout(dest: Path, cache: Path, record: LayerRecord, blob: StoredBlob) -> None:
     """A one-layer OCI layout tagged latest whose layer is blob, hardlinked from the cache."""
     blobs = dest / "blobs" / "sha256"
     blobs.mkdir(parents=True)
@@ -314,8 +313,7 @@ def write_oci_layout(dest: Path, cache: Path, record: LayerRecord, blob: Compres
     (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
 
 
-@pytest.mark.tools
-@pytest.mark.skipif(not shutil.which("skopeo"), reason="needs skopeo (./dev setup installs it as root)")
+@pytest.mark.tools("skopeo")
 @pytest.mark.parametrize("algorithm", ["gzip", "zstd"])
 def test_skopeo_decompresses_the_layer_to_its_diff_id(tmp_path: Path, layer_tar: bytes, algorithm: str):
     cache = tmp_path / "cache"
@@ -328,8 +326,7 @@ def test_skopeo_decompresses_the_layer_to_its_diff_id(tmp_path: Path, layer_tar:
     assert (out / record.hex).read_bytes() == layer_tar
 
 
-@pytest.mark.tools
-@pytest.mark.skipif(not shutil.which("umoci"), reason="needs umoci (./dev setup installs it as root)")
+@pytest.mark.tools("umoci")
 def test_umoci_unpacks_a_gzip_layer(tmp_path: Path, layer_tar: bytes):
     # umoci checks each layer's uncompressed digest against the config's diff_ids (it has no zstd reader).
     cache = tmp_path / "cache"

@@ -12,8 +12,8 @@ from typing import IO
 import pytest
 
 from pipeline.demo import build_sample_storage
-from tests.cli import REPO, commit_args
-from tests.imagecheck import read_archive_manifest
+from tests.support.cli import REPO, commit_args
+from tests.support.imagecheck import read_archive_manifest
 
 
 @pytest.fixture

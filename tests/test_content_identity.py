@@ -11,14 +11,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pipeline.demo import build_sample_storage
 from pipeline.snapshots.catalog import read_records
-from tests.cli import REPO, commit_args, run_luigi
-from tests.conftest import needs_root
-from tests.imagecheck import read_archive_config, read_archive_manifest, unpack_layers_with_python
-from tests.registry_server import needs_registry, serve_registry
+from tests.support.cli import REPO, commit_args, run_luigi
+from tests.support.imagecheck import read_archive_config, read_archive_manifest, unpack_layers_with_python
+from tests.support.registry_server import serve_registry
 
-pytestmark = needs_root
+pytestmark = pytest.mark.root
 
 
 def _file_in_image(archive: Path, work: Path, name: str) -> bytes | None:
@@ -151,7 +152,7 @@ def test_image_layer_rebuilt_in_place_is_packed_again(sample_storage: tuple[Path
     assert _file_in_image(archive, tmp_path, "etc/os-release") == b"NAME=demo\nVERSION=2\n"
 
 
-@needs_registry
+@pytest.mark.tools("docker-registry")
 def test_push_after_the_container_changed_pushes_its_present_state(
     sample_storage: tuple[Path, str], tmp_path: Path
 ) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.demo import build_sample_storage
-from tests.cli import REPO, commit_args, run_luigi, tree_fingerprint
+from tests.support.cli import REPO, commit_args, run_luigi, tree_fingerprint
 
 EPOCH = {"SOURCE_DATE_EPOCH": "1700000000"}
 

@@ -23,8 +23,8 @@ from pipeline.errors import LayerError, SourceChanged
 from pipeline.layer import writer as layer
 from pipeline.layer.tarsplit import write_layer_from_tarsplit
 from pipeline.layer.writer import MAX_DIR_FDS, scan_layer, write_layer
-from tests.cli import commit_args, run_luigi
-from tests.tarsplit_records import disassemble, write_tar_split
+from tests.support.cli import commit_args, run_luigi
+from tests.support.tarsplit_records import disassemble, write_tar_split
 
 NOFILE = 64  # the commit's whole open-files limit: luigi and Python need about a dozen fds of it
 

@@ -1,5 +1,5 @@
-"""The docker reader against a real Docker Engine (a private, offline dockerd: tests/dockerd.py), and every archive
-the pipeline writes loaded back into it.
+"""The docker reader against a real Docker Engine (a private, offline dockerd: tests/support/dockerd.py), and every
+archive the pipeline writes loaded back into it.
 
 A container is changed by real `docker exec`s (the kernel's own whiteouts, opaque directory, copy-ups and
 hardlinks in dockerd's overlay2 storage), committed with the command line, `docker load`ed, and a container
@@ -24,13 +24,12 @@ from typing import Any
 
 import pytest
 
-from tests.cli import commit_args, error_lines, run_luigi, tree_fingerprint
-from tests.conftest import needs_root
-from tests.dockerd import Dockerd, needs_docker
-from tests.imagecheck import XATTR_PAX_PREFIX, compare_trees, read_archive_manifest
-from tests.overlay_storage import Entry, TreeView, is_image_xattr
+from tests.support.cli import commit_args, error_lines, run_luigi, tree_fingerprint
+from tests.support.dockerd import Dockerd
+from tests.support.imagecheck import XATTR_PAX_PREFIX, compare_trees, read_archive_manifest
+from tests.support.overlay_storage import Entry, TreeView, is_image_xattr
 
-pytestmark = [needs_root, needs_docker]
+pytestmark = pytest.mark.docker
 
 CMD = ("sleep", "100000")
 XATTR, XATTR_VALUE = "user.pipeline", b"set from the host"
@@ -202,7 +201,7 @@ def wait_until_settled(root: Path, timeout: float = 20) -> None:
     """Wait until nothing under root changes for a second. `docker stop` returns once the container stopped, while
     dockerd may still be recording that (config.v2.json): run_luigi's never-written check must not see it. (With
     containerd's root in the data-root, as dockerd lays it out, its meta.db changed a second after the stop;
-    tests.dockerd keeps it outside.)"""
+    tests.support.dockerd keeps it outside.)"""
     deadline = time.monotonic() + timeout
     before = tree_fingerprint(root)
     while time.monotonic() < deadline:

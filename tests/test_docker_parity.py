@@ -1,7 +1,7 @@
 """The image config the pipeline writes against what `docker commit` (Docker Engine 20.10) writes for the same real
 container, field by field, and against `docker history` and `docker image inspect` once both images are loaded.
 
-Each scenario is one container of a private offline dockerd (tests/dockerd.py), committed by docker and by the
+Each scenario is one container of a private offline dockerd (tests/support/dockerd.py), committed by docker and by the
 command line with the same options. Differences kept on purpose are named here and explained in
 pipeline/image/imageconfig.py build_image_config; everything else must be equal.
 """
@@ -20,12 +20,11 @@ from typing import Any
 import pytest
 
 from pipeline.image.imageconfig import EMPTY_LAYER_DIFF_ID
-from tests.cli import commit_args, run_luigi
-from tests.conftest import needs_root
-from tests.dockerd import Dockerd, needs_docker
-from tests.imagecheck import read_archive_manifest
+from tests.support.cli import commit_args, run_luigi
+from tests.support.dockerd import Dockerd
+from tests.support.imagecheck import read_archive_manifest
 
-pytestmark = [needs_root, needs_docker]
+pytestmark = pytest.mark.docker
 
 BASE = "pipeline-parity/base:1"
 # A base image with a real build history (COPY only: the legacy builder, nothing to pull) and a config that sets

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import commit_args, run_luigi, tree_fingerprint
-from tests.conftest import needs_tools
-from tests.imagecheck import check_image_archive, read_archive_manifest
-from tests.overlay_storage import RockerStorage, build_rocker_storage, requires_root_reason
+from tests.support.cli import commit_args, run_luigi, tree_fingerprint
+from tests.support.imagecheck import check_image_archive, read_archive_manifest
+from tests.support.overlay_storage import RockerStorage, build_rocker_storage
 
-needs_overlay = pytest.mark.skipif(requires_root_reason() is not None, reason=str(requires_root_reason()))
+pytestmark = pytest.mark.overlay
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +18,7 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> RockerStorage:
     return build_rocker_storage(tmp_path_factory.mktemp("e2e") / "rocker")
 
 
-@needs_overlay
-@needs_tools
+@pytest.mark.tools
 def test_committed_image_equals_the_merged_view_in_every_consumer(storage: RockerStorage, tmp_path: Path) -> None:
     before = tree_fingerprint(storage.root)
     archive = tmp_path / "web.tar"
@@ -34,7 +32,6 @@ def test_committed_image_equals_the_merged_view_in_every_consumer(storage: Rocke
     assert tree_fingerprint(storage.root) == before
 
 
-@needs_overlay
 def test_config_carries_base_image_settings_and_container_cmd(storage: RockerStorage, tmp_path: Path) -> None:
     archive = tmp_path / "web.tar"
     env = {"SOURCE_DATE_EPOCH": "1700000000"}

@@ -1,4 +1,4 @@
-"""The docker reader: dockerd's overlay2 layout rebuilt faithfully (tests.docker_storage, after moby's
+"""The docker reader: dockerd's overlay2 layout rebuilt faithfully (tests.support.docker_storage, after moby's
 layer/filestore.go, layer/layer_store.go, daemon/graphdriver/overlay2/overlay.go, container/container.go) and
 committed through the command line, and its answers on malformed layer stores and container metadata."""
 
@@ -19,15 +19,10 @@ import pytest
 from pipeline.engines import open_storage
 from pipeline.engines.docker import DockerStorage
 from pipeline.errors import ContainerNotFound, StorageError
-from tests.cli import commit_args, error_lines, run_luigi
-from tests.conftest import needs_tools
-from tests.docker_storage import DockerStorage as BuiltDockerStorage
-from tests.docker_storage import build_docker_storage
-from tests.imagecheck import check_image_archive, read_archive_config, read_archive_manifest
-from tests.overlay_storage import requires_root_reason
-
-needs_overlay = pytest.mark.skipif(requires_root_reason() is not None, reason=str(requires_root_reason()))
-
+from tests.support.cli import commit_args, error_lines, run_luigi
+from tests.support.docker_storage import DockerStorage as BuiltDockerStorage
+from tests.support.docker_storage import build_docker_storage
+from tests.support.imagecheck import check_image_archive, read_archive_config, read_archive_manifest
 
 # --- dockerd's layout with real overlay mounts ------------------------------------------------------------------
 
@@ -37,8 +32,8 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> BuiltDockerStorage:
     return build_docker_storage(tmp_path_factory.mktemp("docker") / "docker")
 
 
-@needs_overlay
-@needs_tools
+@pytest.mark.overlay
+@pytest.mark.tools
 def test_committed_image_equals_the_container_without_its_init_layer(
     docker: BuiltDockerStorage, tmp_path: Path
 ) -> None:
@@ -52,7 +47,7 @@ def test_committed_image_equals_the_container_without_its_init_layer(
         assert name.encode() in docker.running_view.entries and name.encode() not in docker.merged.entries
 
 
-@needs_overlay
+@pytest.mark.overlay
 def test_config_carries_the_containers_settings_and_the_base_images_platform(
     docker: BuiltDockerStorage, tmp_path: Path
 ) -> None:
@@ -69,18 +64,18 @@ def test_config_carries_the_containers_settings_and_the_base_images_platform(
     assert read_archive_manifest(archive)["RepoTags"] == ["web-1:latest"]
 
 
-@needs_overlay
+@pytest.mark.overlay
 def test_image_layers_are_read_oldest_first_and_the_init_layer_is_left_out(docker: BuiltDockerStorage) -> None:
     container = DockerStorage(docker.root).read_container(docker.container_id)
     assert [layer.layer_id for layer in container.lower_layers] == list(docker.cache_ids)
-    assert container.layer.layer_id == docker.mount_id
-    layer_dirs = [layer.layer_dir for layer in (*container.lower_layers, container.layer)]
+    assert container.upper_layer.layer_id == docker.mount_id
+    layer_dirs = [layer.layer_dir for layer in (*container.lower_layers, container.upper_layer)]
     assert layer_dirs == [docker.root / "overlay2" / i / "diff" for i in (*docker.cache_ids, docker.mount_id)]
     assert not any(layer.layer_id.endswith("-init") for layer in container.lower_layers)
     assert (container.name, container.image, container.running) == ("/web-1", "base:1.0", False)
 
 
-@needs_overlay
+@pytest.mark.overlay
 def test_container_layer_holds_the_kernels_whiteouts_and_opaque_directory(docker: BuiltDockerStorage) -> None:
     # What the end-to-end tests above rely on: the overlay mount left real overlay markers in the diff.
     diff = docker.root / "overlay2" / docker.mount_id / "diff"
@@ -91,7 +86,7 @@ def test_container_layer_holds_the_kernels_whiteouts_and_opaque_directory(docker
     assert (docker.root / "overlay2" / f"{docker.mount_id}-init" / "diff" / ".dockerenv").is_file()
 
 
-@needs_overlay
+@pytest.mark.overlay
 def test_base_config_is_the_image_config_in_imagedb(docker: BuiltDockerStorage) -> None:
     storage = DockerStorage(docker.root)
     base = storage.read_base_config(storage.read_container(docker.container_id))
@@ -164,7 +159,7 @@ def test_hand_made_layout_reads_layers_settings_and_base_config(storage: Path) -
     assert reader.list_containers() == [CID]
     container = reader.read_container(CID)
     assert [layer.layer_id for layer in container.lower_layers] == [BASE_CACHE, MID_CACHE]
-    assert container.layer.layer_id == MOUNT_ID
+    assert container.upper_layer.layer_id == MOUNT_ID
     # Null Config values mean "not set": the base image's stay.
     assert container.config == {"Cmd": ["serve"], "Env": ["A=1"], "Volumes": {"/data": {}}}
     assert reader.read_base_config(container) == json.loads(IMAGE_CONFIG)

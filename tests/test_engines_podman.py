@@ -21,24 +21,18 @@ import pytest
 from pipeline.engines import open_storage
 from pipeline.engines.podman import PodmanStorage
 from pipeline.errors import ContainerNotFound, StorageError
-from tests.boltdb_file import PAGE_HEADER, build_bolt_file, meta_offset
-from tests.cli import commit_args, error_lines, run_luigi, tree_fingerprint
-from tests.conftest import needs_tools
-from tests.imagecheck import (
+from tests.support.boltdb_file import PAGE_HEADER, build_bolt_file, meta_offset
+from tests.support.cli import commit_args, error_lines, run_luigi, tree_fingerprint
+from tests.support.imagecheck import (
     check_image_archive,
     compare_trees,
     read_archive_config,
     read_archive_manifest,
     unpack_layers_with_python,
 )
-from tests.overlay_storage import read_tree, requires_root_reason
-from tests.podman_storage import CONTAINER_CMD, build_podman_storage
-from tests.podman_storage import PodmanStorage as RealPodmanStorage
-
-_NO_PODMAN = "needs podman (./dev setup installs it as root)"
-needs_podman = pytest.mark.skipif(shutil.which("podman") is None, reason=_NO_PODMAN)
-needs_overlay = pytest.mark.skipif(requires_root_reason() is not None, reason=str(requires_root_reason()))
-
+from tests.support.overlay_storage import read_tree
+from tests.support.podman_storage import CONTAINER_CMD, build_podman_storage
+from tests.support.podman_storage import PodmanStorage as RealPodmanStorage
 
 # --- real podman ------------------------------------------------------------------------------------------------
 
@@ -60,16 +54,16 @@ def _commit(podman: RealPodmanStorage, work: Path, id_text: str, *extra: str) ->
     return archive
 
 
-@needs_overlay
-@needs_podman
-@needs_tools
+@pytest.mark.overlay
+@pytest.mark.tools("podman")
+@pytest.mark.tools
 def test_commit_by_name_equals_the_merged_view_in_every_consumer(podman: RealPodmanStorage, tmp_path: Path) -> None:
     archive = _commit(podman, tmp_path, "web", "--image", "web:snap")
     check_image_archive(archive, podman.merged, tmp_path / "check", ref="web:snap")
 
 
-@needs_overlay
-@needs_podman
+@pytest.mark.overlay
+@pytest.mark.tools("podman")
 def test_root_filesystem_and_layer_count_equal_podman_commit_and_save(
     podman: RealPodmanStorage, tmp_path: Path
 ) -> None:
@@ -80,8 +74,8 @@ def test_root_filesystem_and_layer_count_equal_podman_commit_and_save(
     assert len(read_archive_manifest(archive)["Layers"]) == len(read_archive_manifest(podman.podman_archive)["Layers"])
 
 
-@needs_overlay
-@needs_podman
+@pytest.mark.overlay
+@pytest.mark.tools("podman")
 def test_config_equals_what_podman_commit_writes(podman: RealPodmanStorage, tmp_path: Path) -> None:
     ours = read_archive_config(_commit(podman, tmp_path, "web"))["config"]
     theirs = read_archive_config(podman.podman_archive)["config"]
@@ -91,31 +85,31 @@ def test_config_equals_what_podman_commit_writes(podman: RealPodmanStorage, tmp_
     assert {"8080/tcp", "9090/udp", "80/tcp"} == set(ours["ExposedPorts"])  # image's, --expose'd, --publish'ed
 
 
-@needs_overlay
-@needs_podman
+@pytest.mark.overlay
+@pytest.mark.tools("podman")
 def test_base_layer_diff_id_equals_podmans(podman: RealPodmanStorage, tmp_path: Path) -> None:
     ours = read_archive_config(_commit(podman, tmp_path, "web"))["rootfs"]["diff_ids"]
     theirs = read_archive_config(podman.podman_archive)["rootfs"]["diff_ids"]
     assert ours[0] == theirs[0]
 
 
-@needs_overlay
-@needs_podman
+@pytest.mark.overlay
+@pytest.mark.tools("podman")
 def test_layers_are_the_ones_podman_mounts_oldest_first(podman: RealPodmanStorage) -> None:
     container = PodmanStorage(podman.root).read_container(podman.container_id)
     mounted = json.loads(podman.run("container", "inspect", "--format", "{{json .GraphDriver.Data}}", "web"))
     lower_top_first = [Path(p) for p in mounted["LowerDir"].split(":")]
     assert [layer.layer_dir for layer in container.lower_layers] == lower_top_first[::-1]
-    assert container.layer.layer_dir == Path(mounted["UpperDir"])
+    assert container.upper_layer.layer_dir == Path(mounted["UpperDir"])
     assert len(container.lower_layers) == 2  # the imported layer and the one podman commit added
     assert (container.name, container.image, container.running) == ("web", "localhost/mid:1", False)
 
 
-@needs_overlay
-@needs_podman
+@pytest.mark.overlay
+@pytest.mark.tools("podman")
 def test_container_layer_holds_the_kernels_whiteouts_and_opaque_directory(podman: RealPodmanStorage) -> None:
     # What the end-to-end tests above rely on: podman's overlay mount left real overlay markers in the diff.
-    diff = PodmanStorage(podman.root).read_container(podman.container_id).layer.layer_dir
+    diff = PodmanStorage(podman.root).read_container(podman.container_id).upper_layer.layer_dir
     for deleted in ("etc/hostname", "gone"):
         st = os.lstat(diff / deleted)
         assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, deleted
@@ -123,8 +117,8 @@ def test_container_layer_holds_the_kernels_whiteouts_and_opaque_directory(podman
     assert stat.S_ISFIFO(os.lstat(diff / "run/app.fifo").st_mode)
 
 
-@needs_overlay
-@needs_podman
+@pytest.mark.overlay
+@pytest.mark.tools("podman")
 def test_base_config_is_the_image_config_podman_stored(podman: RealPodmanStorage) -> None:
     storage = PodmanStorage(podman.root)
     base = storage.read_base_config(storage.read_container(podman.container_id))
@@ -134,8 +128,8 @@ def test_base_config_is_the_image_config_podman_stored(podman: RealPodmanStorage
     assert base["config"]["Labels"] == expected["Labels"]
 
 
-@needs_overlay
-@needs_podman
+@pytest.mark.overlay
+@pytest.mark.tools("podman")
 def test_reading_leaves_the_storage_untouched(podman: RealPodmanStorage) -> None:
     before = tree_fingerprint(podman.root)
     storage = PodmanStorage(podman.root)
@@ -253,9 +247,8 @@ def test_sqlite_database_gives_settings_running_state_and_pid(storage: Path) -> 
         "ExposedPorts": {"8080/tcp": {}, "8080/udp": {}, "80/tcp": {}, "80/sctp": {}},
     }
     assert [layer.layer_id for layer in container.lower_layers] == [BASE_LAYER]
-    assert (
-        container.layer.layer_id == TOP_LAYER and container.layer.layer_dir == storage / "overlay" / TOP_LAYER / "diff"
-    )
+    upper = container.upper_layer
+    assert upper.layer_id == TOP_LAYER and upper.layer_dir == storage / "overlay" / TOP_LAYER / "diff"
 
 
 def test_sqlite_database_is_read_without_writing_next_to_it(storage: Path) -> None:

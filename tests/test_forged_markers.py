@@ -4,7 +4,7 @@ Where the engine mounts with "userxattr" (rootless), user.overlay.* are the mark
 trusted.overlay.* is ignored instead.
 
 Every scenario is a real kernel overlay mount; xattrs are set through the merged view as a container process
-would, and the committed image (unpacked by tests/imagecheck's Python unpacker) must be the merged view.
+would, and the committed image (unpacked by tests/support/imagecheck's Python unpacker) must be the merged view.
 """
 
 from __future__ import annotations
@@ -24,20 +24,17 @@ import pytest
 
 from pipeline.engines import open_storage
 from pipeline.engines.container import overlay_xattrs_of
-from tests.cli import commit_args, run_luigi
-from tests.conftest import needs_root
-from tests.imagecheck import compare_trees, read_archive_manifest, unpack_layers_with_python
-from tests.overlay_storage import (
+from tests.support.cli import commit_args, run_luigi
+from tests.support.imagecheck import compare_trees, read_archive_manifest, unpack_layers_with_python
+from tests.support.overlay_storage import (
     BASE_LAYER_ID,
     TreeView,
     _write_metadata,
     container_id_for,
     overlay_mount,
     read_tree,
-    requires_root_reason,
 )
 
-needs_overlay = pytest.mark.skipif(requires_root_reason() is not None, reason=str(requires_root_reason()))
 ROOTLESS_UID = 1000  # the owner of a rootless engine's storage root
 SQUASH = pytest.mark.parametrize("squash", [False, True], ids=["layers", "squash"])
 
@@ -117,8 +114,6 @@ def _check_image(archive: Path, expected: TreeView, work: Path) -> None:
 
 @pytest.fixture(scope="module")
 def rocker(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, TreeView]:
-    if (reason := requires_root_reason()) is not None:
-        pytest.skip(reason)
     root = tmp_path_factory.mktemp("rocker")
     cid = container_id_for("forger")
     base, top = root / "overlay2" / BASE_LAYER_ID, root / "overlay2" / cid
@@ -134,7 +129,7 @@ def rocker(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, TreeVie
     return root, cid, view
 
 
-@needs_overlay
+@pytest.mark.overlay
 def test_the_kernel_ignores_forged_markers(rocker: tuple[Path, str, TreeView]) -> None:
     _, _, view = rocker
     for kept in (b"opt/app/lib.py", b"opt/app/data/table.csv", b"etc/keep.conf", b"etc/moved.conf"):
@@ -144,7 +139,7 @@ def test_the_kernel_ignores_forged_markers(rocker: tuple[Path, str, TreeView]) -
     assert b"etc/gone.conf" not in view.entries and b"srv/old/stale.txt" not in view.entries
 
 
-@needs_overlay
+@pytest.mark.overlay
 @SQUASH
 def test_forged_user_overlay_markers_lose_no_lower_file(
     rocker: tuple[Path, str, TreeView], tmp_path: Path, squash: bool
@@ -153,11 +148,11 @@ def test_forged_user_overlay_markers_lose_no_lower_file(
     _check_image(_commit(root, tmp_path, cid, *(["--squash"] if squash else [])), view, tmp_path)
 
 
-@needs_overlay
+@pytest.mark.overlay
 def test_rootful_storage_has_trusted_markers(rocker: tuple[Path, str, TreeView]) -> None:
     root, cid, _ = rocker
     container = open_storage("rocker", root).read_container(cid)
-    assert {layer.overlay_xattrs for layer in (*container.lower_layers, container.layer)} == {"trusted"}
+    assert {layer.overlay_xattrs for layer in (*container.lower_layers, container.upper_layer)} == {"trusted"}
 
 
 # --- rootless storage (podman): an overlay mounted with "userxattr" in a user namespace -------------------------------
@@ -182,8 +177,6 @@ def _write_containers_storage(root: Path, owner: int) -> None:
 def rootless(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TreeView]:
     """containers-storage as rootless podman leaves it: the graphroot owned by the user, the container's layer written
     through an overlay that a user namespace mounted with "userxattr" (containers/storage drivers/overlay)."""
-    if (reason := requires_root_reason()) is not None:
-        pytest.skip(reason)
     root = tmp_path_factory.mktemp("podman") / "storage"
     base, top = root / "overlay" / PODMAN_BASE, root / "overlay" / PODMAN_TOP
     _write_base(base / "diff")
@@ -211,14 +204,14 @@ def rootless(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TreeView]:
     return root, view
 
 
-@needs_overlay
+@pytest.mark.overlay
 def test_userxattr_markers_are_the_kernels_in_a_rootless_layer(rootless: tuple[Path, TreeView]) -> None:
     _, view = rootless
     assert b"etc/gone.conf" not in view.entries and b"srv/old/stale.txt" not in view.entries
     assert b"srv/old/new.txt" in view.entries and b"var/nested/inner.txt" in view.entries
 
 
-@needs_overlay
+@pytest.mark.overlay
 @SQUASH
 def test_userxattr_markers_are_honoured_for_rootless_storage(
     rootless: tuple[Path, TreeView], tmp_path: Path, squash: bool
@@ -231,7 +224,7 @@ def test_userxattr_markers_are_honoured_for_rootless_storage(
 # --- which namespace an engine's storage uses ------------------------------------------------------------------------
 
 
-@needs_root
+@pytest.mark.root
 @pytest.mark.parametrize(("owner", "expected"), [(0, "trusted"), (ROOTLESS_UID, "user")])
 def test_podman_layers_take_the_namespace_of_the_graphroot_owner(tmp_path: Path, owner: int, expected: str) -> None:
     root = tmp_path / "storage"
@@ -239,20 +232,20 @@ def test_podman_layers_take_the_namespace_of_the_graphroot_owner(tmp_path: Path,
         (root / "overlay" / layer / "diff").mkdir(parents=True)
     _write_containers_storage(root, owner)
     container = open_storage("podman", root).read_container(PODMAN_CID)
-    assert [layer.overlay_xattrs for layer in (*container.lower_layers, container.layer)] == [expected, expected]
+    assert [layer.overlay_xattrs for layer in (*container.lower_layers, container.upper_layer)] == [expected, expected]
 
 
-@needs_root
+@pytest.mark.root
 def test_a_container_chowning_its_upper_dir_does_not_change_the_namespace(tmp_path: Path) -> None:
     root = tmp_path / "storage"
     for layer in (PODMAN_BASE, PODMAN_TOP):
         (root / "overlay" / layer / "diff").mkdir(parents=True)
     _write_containers_storage(root, 0)
     os.chown(root / "overlay" / PODMAN_TOP / "diff", ROOTLESS_UID, ROOTLESS_UID)  # `chown 1000 /` in the container
-    assert open_storage("podman", root).read_container(PODMAN_CID).layer.overlay_xattrs == "trusted"
+    assert open_storage("podman", root).read_container(PODMAN_CID).upper_layer.overlay_xattrs == "trusted"
 
 
-@needs_root
+@pytest.mark.root
 @pytest.mark.parametrize(("owner", "expected"), [(0, "trusted"), (ROOTLESS_UID, "user")])
 def test_docker_layers_take_the_namespace_of_the_data_root_owner(tmp_path: Path, owner: int, expected: str) -> None:
     root = tmp_path / "docker"
@@ -262,5 +255,5 @@ def test_docker_layers_take_the_namespace_of_the_data_root_owner(tmp_path: Path,
     config = {"ID": cid, "Name": "/forger", "Driver": "overlay2", "State": {}, "Config": {"Cmd": ["sh"]}}
     _write_json(root / "containers" / cid / "config.v2.json", config)
     os.chown(root, owner, owner)
-    assert open_storage("docker", root).read_container(cid).layer.overlay_xattrs == expected
+    assert open_storage("docker", root).read_container(cid).upper_layer.overlay_xattrs == expected
     assert overlay_xattrs_of(root) == expected

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import commit_args, error_lines, run_luigi
-from tests.conftest import needs_tools
-from tests.imagecheck import check_image_archive, check_oci_image
-from tests.overlay_storage import RockerStorage, build_rocker_storage, requires_root_reason
+from tests.support.cli import commit_args, error_lines, run_luigi
+from tests.support.imagecheck import check_image_archive, check_oci_image
+from tests.support.overlay_storage import RockerStorage, build_rocker_storage
 
-needs_overlay = pytest.mark.skipif(requires_root_reason() is not None, reason=str(requires_root_reason()))
+pytestmark = pytest.mark.overlay
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +25,7 @@ def _commit(storage: RockerStorage, work: Path, fmt: str, output: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@needs_overlay
-@needs_tools
+@pytest.mark.tools
 def test_default_archive_is_both_a_docker_archive_and_an_oci_archive(storage: RockerStorage, tmp_path: Path) -> None:
     archive = tmp_path / "both.tar"
     _commit(storage, tmp_path, "both", archive)
@@ -35,16 +33,14 @@ def test_default_archive_is_both_a_docker_archive_and_an_oci_archive(storage: Ro
     check_oci_image(archive, storage.merged, tmp_path / "as-oci", tag="fmt", ref="docker.io/library/web:fmt")
 
 
-@needs_overlay
-@needs_tools
+@pytest.mark.tools
 def test_oci_archive_alone_loads_everywhere(storage: RockerStorage, tmp_path: Path) -> None:
     archive = tmp_path / "oci.tar"
     _commit(storage, tmp_path, "oci", archive)
     check_oci_image(archive, storage.merged, tmp_path / "check", tag="fmt", ref="docker.io/library/web:fmt")
 
 
-@needs_overlay
-@needs_tools
+@pytest.mark.tools
 def test_oci_dir_hardlinks_cached_layers_instead_of_copying(storage: RockerStorage, tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     _commit(storage, tmp_path, "oci-dir", layout)
@@ -57,8 +53,7 @@ def test_oci_dir_hardlinks_cached_layers_instead_of_copying(storage: RockerStora
     assert os.path.isfile(layout / "oci-layout") and os.path.isfile(layout / "index.json")
 
 
-@needs_overlay
-@needs_tools
+@pytest.mark.tools
 def test_gzip_layers_load_as_docker_and_oci_archive(storage: RockerStorage, tmp_path: Path) -> None:
     archive = tmp_path / "gzip.tar"
     args = commit_args(storage.root, tmp_path, "--id", storage.container_id, "--image", "web:fmt")
@@ -74,8 +69,7 @@ def test_gzip_layers_load_as_docker_and_oci_archive(storage: RockerStorage, tmp_
     check_oci_image(archive, storage.merged, tmp_path / "as-oci", tag="fmt", ref="docker.io/library/web:fmt")
 
 
-@needs_overlay
-@needs_tools
+@pytest.mark.tools
 def test_zstd_layers_in_an_oci_archive_load_everywhere(storage: RockerStorage, tmp_path: Path) -> None:
     archive = tmp_path / "zstd.tar"
     args = commit_args(storage.root, tmp_path, "--id", storage.container_id, "--image", "web:fmt")
@@ -84,7 +78,6 @@ def test_zstd_layers_in_an_oci_archive_load_everywhere(storage: RockerStorage, t
     check_oci_image(archive, storage.merged, tmp_path / "check", tag="fmt", ref="docker.io/library/web:fmt")
 
 
-@needs_overlay
 def test_zstd_is_refused_for_a_docker_archive_before_anything_is_packed(storage: RockerStorage, tmp_path: Path) -> None:
     result = run_luigi(*commit_args(storage.root, tmp_path, "--id", storage.container_id, "--compression", "zstd"))
     assert result.returncode != 0
@@ -93,7 +86,6 @@ def test_zstd_is_refused_for_a_docker_archive_before_anything_is_packed(storage:
     assert not (tmp_path / "cache").exists()
 
 
-@needs_overlay
 def test_compressed_archives_are_byte_identical_across_fresh_runs(storage: RockerStorage, tmp_path: Path) -> None:
     outputs = []
     for run in ("a", "b"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import StorageError
+from pipeline.errors import FreezerError
 from pipeline.host.freezer import (
     MARKER_SUFFIX,
     Freezer,
@@ -27,7 +27,7 @@ from pipeline.host.freezer import (
     paused,
     thaw_abandoned,
 )
-from tests.cgroups import UNAVAILABLE, VERSIONS, Cgroup, FreezerWatch, cgroup_mount, grows
+from tests.support.cgroups import UNAVAILABLE, VERSIONS, Cgroup, FreezerWatch, cgroup_mount, grows
 
 REPO = Path(__file__).resolve().parents[1]
 CID = "c0ffee" + "0123456789abcdef" * 3 + "0123456789"  # a full 64-hex container id
@@ -458,7 +458,7 @@ def test_thaw_of_a_removed_cgroup_does_nothing(tmp_path: Path) -> None:
 
 
 def test_thaw_of_a_directory_that_is_no_cgroup_fails_without_creating_files(tmp_path: Path) -> None:
-    with pytest.raises(StorageError, match="not a cgroup v2"):
+    with pytest.raises(FreezerError, match="not a cgroup v2"):
         Freezer(tmp_path, 2).thaw()
     assert list(tmp_path.iterdir()) == []
 
@@ -468,7 +468,7 @@ def test_freeze_waits_then_thaws_and_fails_when_the_cgroup_never_reports_frozen(
     (tmp_path / "cgroup.freeze").write_text("0")
     (tmp_path / "cgroup.events").write_text("populated 1\nfrozen 0\n")
     started = time.monotonic()
-    with pytest.raises(StorageError, match=f"{tmp_path}: the cgroup's processes did not all freeze within 0.3 s"):
+    with pytest.raises(FreezerError, match=f"{tmp_path}: the cgroup's processes did not all freeze within 0.3 s"):
         Freezer(tmp_path, 2).freeze(timeout=0.3)
     assert time.monotonic() - started >= 0.3
     assert (tmp_path / "cgroup.freeze").read_text() == "0"  # not left half-frozen

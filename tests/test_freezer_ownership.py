@@ -1,8 +1,9 @@
 """A commit freezes only its container's own cgroup, and never thaws a cgroup it did not freeze (issue 11).
 
 The commits run the command line on the demo rocker storage, whose config.json the test sets to say the container
-runs with a given pid: a real process in a real, temporary cgroup (tests/cgroups.py). The container's own cgroup is
-named after its id as docker's cgroupfs driver names it (`<parent>/<id>`); the unrelated process's cgroup is not.
+runs with a given pid: a real process in a real, temporary cgroup (tests/support/cgroups.py). The container's own
+cgroup is named after its id as docker's cgroupfs driver names it (`<parent>/<id>`); the unrelated process's cgroup
+is not.
 A thread samples the cgroup's freezer state for the whole commit, so even a freeze and thaw in between is seen.
 """
 
@@ -21,14 +22,14 @@ import pytest
 from pipeline.demo import build_sample_storage
 from pipeline.engines.rocker import RockerStorage
 from pipeline.host.freezer import Freezer, container_cgroup_names, find_freezer, locate_freezer, paused
-from tests.cgroups import VERSIONS, Cgroup, FreezerWatch, grows
-from tests.cli import (
+from tests.support.cgroups import VERSIONS, Cgroup, FreezerWatch, grows
+from tests.support.cli import (
     CONTAINER_LAYER_PACK,
     commit_args,
     run_luigi,
     start_commit_stopped_at_container_layer,
 )
-from tests.dockerd import Dockerd, needs_docker
+from tests.support.dockerd import Dockerd
 
 # Reached inside the pause, just before the container's own layer is packed.
 DEMO_CONTAINER_ID = hashlib.sha256(b"pipeline demo container").hexdigest()  # the id pipeline.demo gives it
@@ -135,7 +136,7 @@ def test_rocker_container_recorded_paused_is_not_treated_as_running(tmp_path: Pa
 # --- a real Docker Engine ---------------------------------------------------------------------------------------
 
 
-@needs_docker
+@pytest.mark.docker
 def test_real_docker_containers_cgroup_is_frozen_and_a_paused_one_never_thawed(
     dockerd: Dockerd, busybox_image: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

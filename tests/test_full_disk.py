@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.demo import build_sample_storage
-from tests.cli import commit_args, error_lines, run_luigi, tree_fingerprint
-from tests.conftest import needs_root
+from tests.support.cli import commit_args, error_lines, run_luigi, tree_fingerprint
+
+pytestmark = pytest.mark.root
 
 
 @pytest.fixture
@@ -27,7 +28,6 @@ def _bytes_under(path: Path) -> int:
     return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file())
 
 
-@needs_root
 def test_full_cache_disk_fails_cleanly_and_rerun_succeeds_after_space_is_freed(
     tmp_path: Path, small_tmpfs: Path
 ) -> None:
@@ -51,7 +51,6 @@ def test_full_cache_disk_fails_cleanly_and_rerun_succeeds_after_space_is_freed(
     assert tree_fingerprint(root) == before
 
 
-@needs_root
 def test_archive_that_cannot_fit_is_refused_before_writing(tmp_path: Path, small_tmpfs: Path) -> None:
     root = tmp_path / "storage"
     cid = build_sample_storage(root)

@@ -3,7 +3,7 @@ be anything. Hostile values of any type, depth, size or encoding are written int
 the test builders, at a random place of a valid document; each reader then either refuses with one PipelineError
 naming the file (and the field), or gives an image config every consumer accepts.
 
-The engine readers run in-process with pipeline.commit.build_config_bytes, as WriteImageConfig does; two command
+The engine readers run in-process with pipeline.assembly.build_config_bytes, as WriteImageConfig does; two command
 line runs check that such a refusal is one ERROR line and no traceback.
 """
 
@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from pipeline.commit import build_config_bytes, read_config_file, read_state
+from pipeline.assembly import build_config_bytes
 from pipeline.demo import build_sample_storage
 from pipeline.engines.boltdb import BoltFile
 from pipeline.engines.container import Storage
@@ -43,12 +43,13 @@ from pipeline.image.imageconfig import CommitOptions
 from pipeline.layer import tarsplit
 from pipeline.layer.writer import LayerRecord, encode_record, read_record, write_layer
 from pipeline.logformat import OneLineErrors
+from pipeline.plan import read_config_file, read_state
 from pipeline.snapshots.catalog import SnapshotRecord, format_table
 from pipeline.store.cache import LayerCache
-from pipeline.store.compression import MEDIA_TYPES, CompressedBlob, find_blob, mapping_path
-from tests.boltdb_file import build_bolt_file
-from tests.cli import commit_args, error_lines, run_luigi
-from tests.overlay_storage import requires_root_reason
+from pipeline.store.compression import MEDIA_TYPES, StoredBlob, find_blob, mapping_path
+from tests.support.boltdb_file import build_bolt_file
+from tests.support.cli import commit_args, error_lines, run_luigi
+from tests.support.overlay_storage import requires_root_reason
 
 # PIPELINE_FUZZ_EXAMPLES=5000 runs a longer campaign; the default keeps the whole file under a minute.
 _EXAMPLES = int(os.environ.get("PIPELINE_FUZZ_EXAMPLES", "120"))
@@ -355,14 +356,14 @@ class _Podman:
 
 @pytest.fixture(scope="module")
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Podman]:
-    """Real podman storage (tests.podman_storage) where podman and overlay mounts are available, else the hand-made
-    containers-storage of tests.test_engines_podman; its libpod database a BoltDB file either way."""
+    """Real podman storage (tests.support.podman_storage) where podman and overlay mounts are available, else the
+    hand-made containers-storage of tests.test_engines_podman; its libpod database a BoltDB file either way."""
     from tests import test_engines_podman as handmade
 
     work = tmp_path_factory.mktemp("podman")
     with ExitStack() as stack:
         if shutil.which("podman") and requires_root_reason() is None:
-            from tests.podman_storage import build_podman_storage
+            from tests.support.podman_storage import build_podman_storage
 
             built = build_podman_storage(work)
             stack.callback(shutil.rmtree, built.runroot, ignore_errors=True)
@@ -454,11 +455,11 @@ class _Docker:
 
 @pytest.fixture(scope="module")
 def docker(tmp_path_factory: pytest.TempPathFactory) -> _Docker:
-    """dockerd's overlay2 layout (tests.docker_storage) where overlay mounts are available, else the hand-made one
-    of tests.test_engines_docker, with every image-config field in the container's Config."""
+    """dockerd's overlay2 layout (tests.support.docker_storage) where overlay mounts are available, else the hand-made
+    one of tests.test_engines_docker, with every image-config field in the container's Config."""
     work = tmp_path_factory.mktemp("docker")
     if requires_root_reason() is None:
-        from tests.docker_storage import build_docker_storage
+        from tests.support.docker_storage import build_docker_storage
 
         built = build_docker_storage(work / "docker")
         target = _Docker(built.root, built.container_id)
@@ -667,7 +668,7 @@ def test_compressed_blob_mapping_with_hostile_values(tmp_path: Path, data: st.Da
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     (cache / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     (cache / "blobs" / "sha256" / digest.removeprefix("sha256:")).write_bytes(blob)
-    good = CompressedBlob(digest, len(blob), _DIFF_ID, "gzip", 1, MEDIA_TYPES["gzip"])
+    good = StoredBlob(digest, len(blob), _DIFF_ID, "gzip", 1, MEDIA_TYPES["gzip"])
     mapping = mapping_path(cache, _DIFF_ID, "gzip", 1)
     mapping.parent.mkdir(exist_ok=True)
     mapping.write_bytes(data.draw(mutated({**asdict(good), "library": "isal 1.0"})))

@@ -16,8 +16,7 @@ from pipeline.demo import build_sample_storage
 from pipeline.engines.container import check_id_text
 from pipeline.errors import ContainerNotFound, SourceChanged
 from pipeline.store.cache import LayerCache
-from tests.cli import REPO, commit_args, error_lines, run_luigi, tree_fingerprint
-from tests.conftest import needs_root
+from tests.support.cli import REPO, commit_args, error_lines, run_luigi, tree_fingerprint
 
 
 @pytest.fixture
@@ -71,7 +70,7 @@ def test_image_config_that_is_not_an_object_is_refused(storage: tuple[Path, str]
     _refused(run_luigi(*commit_args(root, tmp_path, "--id", cid)), str(config), "JSON object")
 
 
-@needs_root
+@pytest.mark.root
 def test_unreadable_file_is_refused_naming_it(storage: tuple[Path, str], tmp_path: Path) -> None:
     root, cid = storage
     secret = root / "overlay2" / cid / "diff" / "app" / "secret"
@@ -90,7 +89,7 @@ def test_unreadable_file_is_refused_naming_it(storage: tuple[Path, str], tmp_pat
     assert tree_fingerprint(root) == before
 
 
-@needs_root
+@pytest.mark.root
 def test_commit_without_cap_sys_admin_is_refused_rather_than_losing_opaque_dirs(
     storage: tuple[Path, str], tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.engines.container import Container, Layer, pick_docker_config
 from pipeline.errors import StorageError
+from pipeline.image.dockerarchive import build_docker_manifest, build_repositories
 from pipeline.image.imageconfig import (
     EMPTY_LAYER_DIFF_ID,
     CommitOptions,
@@ -15,7 +16,6 @@ from pipeline.image.imageconfig import (
     encode_json,
     format_created,
 )
-from pipeline.image.manifest import build_manifest, build_repositories
 from pipeline.image.reference import parse_reference
 
 
@@ -28,7 +28,7 @@ def _container(lower: int = 2, **config: object) -> Container:
         pid=0,
         image="base:1.0",
         lower_layers=tuple(Layer(f"l{i}", Path(f"/x/l{i}/diff")) for i in range(lower)),
-        layer=Layer("c" * 64, Path("/x/c/diff")),
+        upper_layer=Layer("c" * 64, Path("/x/c/diff")),
         config=dict(config),
     )
 
@@ -80,7 +80,7 @@ def test_json_with_quotes_and_unicode_is_encoded_as_json_not_text() -> None:
 
 def test_manifest_points_at_blobs_and_repo_tags() -> None:
     ref = parse_reference("localhost:5000/team/app")
-    [item] = build_manifest("sha256:" + "c" * 64, ["sha256:" + "1" * 64], ref)
+    [item] = build_docker_manifest("sha256:" + "c" * 64, ["sha256:" + "1" * 64], ref)
     assert item == {
         "Config": "blobs/sha256/" + "c" * 64,
         "RepoTags": ["localhost:5000/team/app:latest"],

@@ -13,7 +13,6 @@ import pytest
 
 from pipeline.errors import LayerError
 from pipeline.layer.writer import write_layer
-from tests.conftest import needs_root
 
 
 def _pack(layer_dir: Path, **kwargs: int) -> tuple[bytes, list[tarfile.TarInfo], str]:
@@ -158,7 +157,7 @@ def test_layer_dir_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
         _pack(tmp_path / "link")
 
 
-@needs_root
+@pytest.mark.root
 def test_char_device_0_0_becomes_a_whiteout_file(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     os.mknod(tmp_path / "etc" / "gone", stat.S_IFCHR, os.makedev(0, 0))
@@ -169,7 +168,7 @@ def test_char_device_0_0_becomes_a_whiteout_file(tmp_path: Path) -> None:
     assert marker.isreg() and marker.size == 0
 
 
-@needs_root
+@pytest.mark.root
 def test_opaque_directory_is_followed_by_its_marker(tmp_path: Path) -> None:
     (tmp_path / "var").mkdir()
     (tmp_path / "var" / "!first").write_text("sorts before the marker")
@@ -180,7 +179,7 @@ def test_opaque_directory_is_followed_by_its_marker(tmp_path: Path) -> None:
     assert not any("trusted.overlay" in k for m in members for k in m.pax_headers)
 
 
-@needs_root
+@pytest.mark.root
 def test_redirected_directory_is_refused_naming_it(tmp_path: Path) -> None:
     (tmp_path / "moved").mkdir()
     os.setxattr(tmp_path / "moved", "trusted.overlay.redirect", b"/orig")
@@ -188,7 +187,7 @@ def test_redirected_directory_is_refused_naming_it(tmp_path: Path) -> None:
         _pack(tmp_path)
 
 
-@needs_root
+@pytest.mark.root
 def test_devices_keep_numbers_and_high_ids_survive(tmp_path: Path) -> None:
     os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     os.mknod(tmp_path / "disk", stat.S_IFBLK | 0o660, os.makedev(8, 1))
@@ -202,7 +201,7 @@ def test_devices_keep_numbers_and_high_ids_survive(tmp_path: Path) -> None:
     assert (by_name["owned"].uid, by_name["owned"].gid) == (3_000_000, 2_500_000)
 
 
-@needs_root
+@pytest.mark.root
 def test_security_capability_is_carried(tmp_path: Path) -> None:
     cap = bytes.fromhex("0100000200200000000000000000000000000000")
     (tmp_path / "ping").write_text("x")
@@ -281,7 +280,7 @@ def test_a_merged_view_is_packed_without_reading_markers(tmp_path: Path) -> None
     assert sorted(by_name) == ["etc", "etc/app.conf", "keep.txt", "moved"]
 
 
-@needs_root
+@pytest.mark.root
 def test_trusted_overlay_markers_are_not_markers_in_a_userxattr_layer(tmp_path: Path) -> None:
     # A mount with "userxattr" ignores trusted.overlay.*: it is no marker there, and never carried.
     (tmp_path / "etc").mkdir()

@@ -26,19 +26,17 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pipeline.commit import build_manifest_bytes, build_repositories_bytes, layer_blobs, write_commit_output
+from pipeline.assembly import build_manifest_bytes, build_repositories_bytes, layer_blobs, write_commit_output
 from pipeline.engines.container import Container, Layer
 from pipeline.errors import LayerError
 from pipeline.image.imageconfig import build_image_config, encode_json
 from pipeline.image.reference import parse_reference
 from pipeline.layer.writer import LayerRecord, write_layer
 from pipeline.store.cache import LayerCache
-from tests.conftest import needs_root, needs_tools
-from tests.imagecheck import compare_trees, unpack_layers_with_python
-from tests.overlay_storage import CAPABILITY_NET_RAW, TreeView, overlay_mount, read_tree, requires_root_reason
+from tests.support.imagecheck import compare_trees, unpack_layers_with_python
+from tests.support.overlay_storage import CAPABILITY_NET_RAW, TreeView, overlay_mount, read_tree
 
 _T = TypeVar("_T")
-needs_overlay = pytest.mark.skipif(requires_root_reason() is not None, reason=str(requires_root_reason()))
 
 _CREATED = 1_700_000_000
 _CONTAINER_ID = hashlib.sha256(b"layer-properties container").hexdigest()
@@ -495,7 +493,7 @@ def _write_archive(work: Path, layer_dirs: list[Path], pack: Callable[[LayerCach
         pid=0,
         image="",
         lower_layers=tuple(Layer(f"lower-{i}", d) for i, d in enumerate(layer_dirs[:-1])),
-        layer=Layer(_CONTAINER_ID, layer_dirs[-1]),
+        upper_layer=Layer(_CONTAINER_ID, layer_dirs[-1]),
     )
     config = encode_json(build_image_config(container, None, [r.diff_id for r in records], created=_CREATED))
     archive = work / "image.tar"
@@ -516,7 +514,6 @@ def _run(argv: list[str]) -> None:
 
 
 @pytest.mark.root
-@needs_root
 @settings(_SLOW, max_examples=60)
 @given(tree=_trees())
 def test_single_layer_unpacks_to_the_source_tree(tree: Tree) -> None:
@@ -543,7 +540,6 @@ _MTIME_EDGES = Tree(
 
 
 @pytest.mark.root
-@needs_root
 @settings(_SLOW, max_examples=40)
 @given(tree=_trees(depth=3), clamp=st.none() | st.integers(0, 2**33))
 # The float st_mtime rounds x.999999999 up to x + 1 and int() truncates negative times towards zero (fixed in 9781d90).
@@ -571,7 +567,6 @@ def test_layer_tar_is_sorted_hashed_and_carries_source_mtimes(tree: Tree, clamp:
 
 
 @pytest.mark.root
-@needs_root
 @settings(_SLOW, max_examples=30)
 @given(
     tree=_trees(depth=2),
@@ -627,8 +622,7 @@ def _merge_through_overlay(work: Path, case: Layered) -> tuple[Path, Path, TreeV
     return lower, upper, expected
 
 
-@pytest.mark.root
-@needs_overlay
+@pytest.mark.overlay
 @settings(_SLOW, max_examples=40)
 @given(case=_layered())
 def test_two_layers_unpack_to_the_overlay_merged_view(case: Layered) -> None:
@@ -640,9 +634,8 @@ def test_two_layers_unpack_to_the_overlay_merged_view(case: Layered) -> None:
         compare_trees(expected, read_tree(work / "unpacked"), label="python")
 
 
-@pytest.mark.root
-@needs_overlay
-@needs_tools
+@pytest.mark.overlay
+@pytest.mark.tools
 @settings(_SLOW, max_examples=8)
 # Go's archive/tar (mergePAX) drops PAX records with empty values from Header.Xattrs, as POSIX reads an empty value as
 # "unset"; umoci 0.4.7 reads Header.Xattrs, so an empty user.* value cannot reach it. Python's tarfile keeps them.

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import imagecheck
-from tests.conftest import needs_root, needs_tools
-from tests.imagecheck import check_image_archive, compare_trees
-from tests.overlay_storage import (
+from tests.support import imagecheck
+from tests.support.imagecheck import check_image_archive, compare_trees
+from tests.support.overlay_storage import (
     BASE_LAYER_ID,
     CAPABILITY_NET_RAW,
     FIXED_MTIME,
@@ -30,10 +29,7 @@ from tests.overlay_storage import (
     image_id,
     overlay_mount,
     read_tree,
-    requires_root_reason,
 )
-
-needs_overlay = pytest.mark.skipif(requires_root_reason() is not None, reason=str(requires_root_reason()))
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +49,7 @@ def _is_whiteout(path: Path) -> bool:
 # --- the builder ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.root
-@needs_overlay
+@pytest.mark.overlay
 def test_mid_layer_records_deleted_lower_file_and_dir_as_whiteouts(storage: RockerStorage) -> None:
     mid = _diff(storage, MID_LAYER_ID)
     assert _is_whiteout(mid / "lib/old.so")
@@ -62,8 +57,7 @@ def test_mid_layer_records_deleted_lower_file_and_dir_as_whiteouts(storage: Rock
     assert (_diff(storage, BASE_LAYER_ID) / "lib/old.so").is_file()  # the lower layer itself is untouched
 
 
-@pytest.mark.root
-@needs_overlay
+@pytest.mark.overlay
 def test_container_layer_marks_recreated_lower_dir_opaque(storage: RockerStorage) -> None:
     top = _diff(storage, storage.container_id)
     assert os.getxattr(top / "opt/app", "trusted.overlay.opaque") == b"y"
@@ -72,8 +66,7 @@ def test_container_layer_marks_recreated_lower_dir_opaque(storage: RockerStorage
     assert (_diff(storage, BASE_LAYER_ID) / "etc/app.conf").read_bytes() == b"setting=1\n"
 
 
-@pytest.mark.root
-@needs_overlay
+@pytest.mark.overlay
 def test_merged_view_lacks_deleted_paths(storage: RockerStorage) -> None:
     entries = storage.merged.entries
     for gone in (
@@ -89,8 +82,7 @@ def test_merged_view_lacks_deleted_paths(storage: RockerStorage) -> None:
     assert entries[b"opt/app/lib/helpers.py"].kind == "file"
 
 
-@pytest.mark.root
-@needs_overlay
+@pytest.mark.overlay
 def test_merged_view_has_every_entry_kind_the_product_must_pack(storage: RockerStorage) -> None:
     entries = storage.merged.entries
     assert {e.kind for e in entries.values()} == {"file", "dir", "symlink", "fifo", "char", "block"}
@@ -126,8 +118,7 @@ def test_merged_view_has_every_entry_kind_the_product_must_pack(storage: RockerS
     assert not any(name.startswith(("trusted.", "user.overlay.")) for e in entries.values() for name, _ in e.xattrs)
 
 
-@pytest.mark.root
-@needs_overlay
+@pytest.mark.overlay
 def test_builder_leaves_nothing_mounted(storage: RockerStorage) -> None:
     mount_points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
     assert not [m for m in mount_points if m.startswith(str(storage.root))]
@@ -135,8 +126,7 @@ def test_builder_leaves_nothing_mounted(storage: RockerStorage) -> None:
         assert list((storage.root / "overlay2" / layer / "merged").iterdir()) == []
 
 
-@pytest.mark.root
-@needs_overlay
+@pytest.mark.overlay
 def test_overlay_mount_unmounts_when_the_body_fails(tmp_path: Path) -> None:
     dirs = [tmp_path / name for name in ("lower", "upper", "work", "merged")]
     for d in dirs:
@@ -148,8 +138,7 @@ def test_overlay_mount_unmounts_when_the_body_fails(tmp_path: Path) -> None:
     assert (dirs[1] / "written-while-mounted").exists()
 
 
-@pytest.mark.root
-@needs_overlay
+@pytest.mark.overlay
 def test_storage_follows_rocker_layout(storage: RockerStorage) -> None:
     assert storage.layer_ids == (BASE_LAYER_ID, MID_LAYER_ID, storage.container_id)
     assert all(re.fullmatch("[0-9a-f]{64}", i) for i in storage.layer_ids)
@@ -171,8 +160,7 @@ def test_storage_follows_rocker_layout(storage: RockerStorage) -> None:
     assert json.loads(image_config)["config"]["Labels"]["quoted"] == 'say "hi" \\ bye'
 
 
-@pytest.mark.root
-@needs_overlay
+@pytest.mark.overlay
 def test_every_layer_entry_has_the_fixed_mtime(storage: RockerStorage) -> None:
     for layer in storage.layer_ids:
         for dirpath, dirnames, filenames in os.walk(os.fsencode(_diff(storage, layer))):
@@ -246,8 +234,6 @@ def _write_docker_archive(archive: Path, source: Path, *, keep: Callable[[str], 
 
 @pytest.mark.root
 @pytest.mark.tools
-@needs_root
-@needs_tools
 def test_check_image_archive_accepts_a_faithful_archive(tmp_path: Path) -> None:
     _write_tree(tmp_path / "source")
     _write_docker_archive(tmp_path / "image.tar", tmp_path / "source", keep=lambda name: True)
@@ -259,8 +245,6 @@ def test_check_image_archive_accepts_a_faithful_archive(tmp_path: Path) -> None:
 
 @pytest.mark.root
 @pytest.mark.tools
-@needs_root
-@needs_tools
 def test_check_image_archive_names_a_missing_file(tmp_path: Path) -> None:
     _write_tree(tmp_path / "source")
     _write_docker_archive(tmp_path / "image.tar", tmp_path / "source", keep=lambda name: name != "bin/tool")
@@ -272,8 +256,6 @@ def test_check_image_archive_names_a_missing_file(tmp_path: Path) -> None:
 
 @pytest.mark.root
 @pytest.mark.tools
-@needs_root
-@needs_tools
 def test_every_consumer_reports_a_missing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _write_tree(tmp_path / "source")
     _write_docker_archive(tmp_path / "image.tar", tmp_path / "source", keep=lambda name: name != "etc/motd.link")

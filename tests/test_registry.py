@@ -19,32 +19,27 @@ from pipeline.image.imageconfig import digest_of, encode_json
 from pipeline.layer.writer import LayerRecord
 from pipeline.registry.client import Options, Registry, is_loopback
 from pipeline.registry.credentials import ENV_PASSWORD, ENV_USERNAME, Credentials, find_credentials
-from pipeline.registry.push import Image, PushedBlobs, build_image, parse_push_reference, push_image
+from pipeline.registry.push import Image, PushedBlobs, parse_push_reference, prepare_image, push_image
 from pipeline.store.cache import LayerCache
-from tests.cli import error_lines, run_luigi
-from tests.conftest import needs_tools
-from tests.fleet import add_container
-from tests.imagecheck import compare_trees
-from tests.overlay_storage import (
+from tests.support.cli import error_lines, run_luigi
+from tests.support.fleet import add_container
+from tests.support.imagecheck import compare_trees
+from tests.support.overlay_storage import (
     RockerStorage,
     TreeView,
     build_rocker_storage,
     container_id_for,
     read_tree,
-    requires_root_reason,
 )
-from tests.registry_server import (
+from tests.support.registry_server import (
     PASSWORD,
     USER,
     FlakyProxy,
     RegistryServer,
     TokenServer,
-    needs_openssl,
-    needs_registry,
     serve_registry,
 )
 
-needs_overlay = pytest.mark.skipif(requires_root_reason() is not None, reason=str(requires_root_reason()))
 INSECURE = Options(insecure=True, backoff=0.01)
 ENV_NAMES = (ENV_USERNAME, ENV_PASSWORD)
 
@@ -63,7 +58,7 @@ def _image(cache: LayerCache, *layers: bytes) -> Image:
         records.append(record)
     rootfs = {"type": "layers", "diff_ids": [r.diff_id for r in records]}
     config = encode_json({"architecture": "amd64", "os": "linux", "rootfs": rootfs})
-    return build_image(config, records, cache)
+    return prepare_image(config, records, cache)
 
 
 @pytest.fixture
@@ -72,7 +67,7 @@ def registry_server(tmp_path: Path) -> Iterator[RegistryServer]:
         yield server
 
 
-@needs_registry
+@pytest.mark.tools("docker-registry")
 def test_push_then_tag_resolves_to_the_manifest_digest(registry_server: RegistryServer, tmp_path: Path) -> None:
     image = _image(LayerCache(tmp_path / "cache"), b"base layer", b"top layer")
     registry = Registry(registry_server.host, INSECURE)
@@ -84,7 +79,7 @@ def test_push_then_tag_resolves_to_the_manifest_digest(registry_server: Registry
     assert len(result.uploaded) == 3 and not result.mounted and not result.present  # two layers and the config
 
 
-@needs_registry
+@pytest.mark.tools("docker-registry")
 def test_blobs_already_in_the_repository_are_not_uploaded_again(
     registry_server: RegistryServer, tmp_path: Path
 ) -> None:
@@ -97,7 +92,7 @@ def test_blobs_already_in_the_repository_are_not_uploaded_again(
     assert len(registry_server.uploads("app")) == before + 2  # the new layer and the new config
 
 
-@needs_registry
+@pytest.mark.tools("docker-registry")
 def test_blob_known_in_another_repository_is_mounted(registry_server: RegistryServer, tmp_path: Path) -> None:
     cache = LayerCache(tmp_path / "cache")
     pushed = PushedBlobs.in_cache(tmp_path / "cache", registry_server.host)
@@ -112,7 +107,7 @@ def test_blob_known_in_another_repository_is_mounted(registry_server: RegistrySe
     assert pushed.sources(digest_of(b"base")) == ["two", "one"]
 
 
-@needs_registry
+@pytest.mark.tools("docker-registry")
 def test_mount_from_a_repository_that_lacks_the_blob_falls_back_to_upload(
     registry_server: RegistryServer, tmp_path: Path
 ) -> None:
@@ -129,7 +124,7 @@ def test_mount_from_a_repository_that_lacks_the_blob_falls_back_to_upload(
     assert [r.status for r in registry_server.requests() if r.query.get("from") == "ghost"] == [202]
 
 
-@needs_registry
+@pytest.mark.tools("docker-registry")
 def test_upload_streams_the_layer_from_its_file(registry_server: RegistryServer, tmp_path: Path) -> None:
     cache = LayerCache(tmp_path / "cache")
     size = 48 << 20
@@ -143,7 +138,7 @@ def test_upload_streams_the_layer_from_its_file(registry_server: RegistryServer,
     os.rename(blob, path)
     records = [LayerRecord(digest, size)]
     config = encode_json({"rootfs": {"type": "layers", "diff_ids": [digest]}})
-    image = build_image(config, records, cache)
+    image = prepare_image(config, records, cache)
     tracemalloc.start()
     try:
         push_image(Registry(registry_server.host, INSECURE), parse_push_reference(f"{registry_server.host}/b:1"), image)
@@ -154,7 +149,7 @@ def test_upload_streams_the_layer_from_its_file(registry_server: RegistryServer,
     assert peak < 8 << 20, f"the upload held {peak} bytes at once"
 
 
-@needs_registry
+@pytest.mark.tools("docker-registry")
 def test_5xx_answers_and_cut_connections_are_retried(registry_server: RegistryServer, tmp_path: Path) -> None:
     image = _image(LayerCache(tmp_path / "cache"), b"base", b"top")
     with FlakyProxy(registry_server.host) as proxy:
@@ -165,7 +160,7 @@ def test_5xx_answers_and_cut_connections_are_retried(registry_server: RegistrySe
     assert proxy.faults >= 8  # a 503 and a cut for each kind of request: HEAD blob, POST, PUT blob, PUT manifest
 
 
-@needs_registry
+@pytest.mark.tools("docker-registry")
 def test_retries_are_bounded_and_end_in_one_line(registry_server: RegistryServer, tmp_path: Path) -> None:
     with FlakyProxy(registry_server.host, always_fail=True) as proxy:
         registry = Registry(proxy.host, Options(insecure=True, attempts=3, backoff=0.01))
@@ -176,7 +171,7 @@ def test_retries_are_bounded_and_end_in_one_line(registry_server: RegistryServer
     assert "\n" not in message and f"registry {proxy.host}: " in message and "failed 3 times" in message
 
 
-@needs_registry
+@pytest.mark.tools("docker-registry")
 def test_plain_http_registry_without_insecure_fails_the_tls_handshake(registry_server: RegistryServer) -> None:
     with pytest.raises(RegistryError, match=r"TLS handshake failed .*set \[registry\] insecure = true"):
         Registry(registry_server.host).manifest_digest("app", "1")
@@ -270,7 +265,7 @@ def test_unreadable_docker_config_is_a_one_line_error(tmp_path: Path) -> None:
         find_credentials("reg:5000", env)
 
 
-@needs_registry
+@pytest.mark.tools("docker-registry")
 def test_htpasswd_registry_accepts_the_right_password_and_refuses_others(tmp_path: Path) -> None:
     image = _image(LayerCache(tmp_path / "cache"), b"layer")
     with serve_registry(tmp_path / "registry", auth=True) as server:
@@ -287,8 +282,7 @@ def test_htpasswd_registry_accepts_the_right_password_and_refuses_others(tmp_pat
     assert "it requires credentials; run `docker login" in str(anonymous.value)
 
 
-@needs_registry
-@needs_openssl
+@pytest.mark.tools("docker-registry", "openssl")
 def test_bearer_tokens_from_the_registry_s_token_service(tmp_path: Path) -> None:
     cache = LayerCache(tmp_path / "cache")
     pushed = PushedBlobs.in_cache(tmp_path / "cache", "any")
@@ -316,8 +310,7 @@ def test_bearer_tokens_from_the_registry_s_token_service(tmp_path: Path) -> None
     assert "it requires credentials" in str(anonymous.value)
 
 
-@needs_registry
-@needs_openssl
+@pytest.mark.tools("docker-registry", "openssl")
 def test_tls_is_verified_by_default(tmp_path: Path) -> None:
     image = _image(LayerCache(tmp_path / "cache"), b"layer")
     with serve_registry(tmp_path / "registry", tls=True) as server:
@@ -335,9 +328,6 @@ def test_tls_is_verified_by_default(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory: pytest.TempPathFactory) -> tuple[RockerStorage, str, TreeView]:
     """web-1 on the two-layer image, plus web-2 on the same image layers (its own top layer differs)."""
-    reason = requires_root_reason()
-    if reason is not None:
-        pytest.skip(reason)
     built = build_rocker_storage(tmp_path_factory.mktemp("push") / "rocker")
     view = add_container(built.root, "web-2", {"srv/second.txt": b"only in web-2\n"})
     return built, container_id_for("web-2"), view
@@ -365,9 +355,9 @@ def _manifest(reference: str) -> Any:
     return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
 
 
-@needs_overlay
-@needs_tools
-@needs_registry
+@pytest.mark.overlay
+@pytest.mark.tools
+@pytest.mark.tools("docker-registry")
 def test_pushed_image_pulls_back_as_the_merged_view(
     storage: tuple[RockerStorage, str, TreeView], registry_server: RegistryServer, tmp_path: Path
 ) -> None:
@@ -392,9 +382,9 @@ def test_pushed_image_pulls_back_as_the_merged_view(
     assert len(registry_server.writes()) == writes, "a second push of the same commit wrote to the registry"
 
 
-@needs_overlay
-@needs_tools
-@needs_registry
+@pytest.mark.overlay
+@pytest.mark.tools
+@pytest.mark.tools("docker-registry")
 def test_second_container_sharing_base_layers_uploads_only_its_own_layer(
     storage: tuple[RockerStorage, str, TreeView], registry_server: RegistryServer, tmp_path: Path
 ) -> None:
@@ -409,8 +399,8 @@ def test_second_container_sharing_base_layers_uploads_only_its_own_layer(
     assert sorted(registry_server.mounts("other")) == sorted(layers[:-1])
 
 
-@needs_overlay
-@needs_registry
+@pytest.mark.overlay
+@pytest.mark.tools("docker-registry")
 def test_a_tag_moved_since_the_push_is_pushed_again(
     storage: tuple[RockerStorage, str, TreeView], registry_server: RegistryServer, tmp_path: Path
 ) -> None:
@@ -425,8 +415,8 @@ def test_a_tag_moved_since_the_push_is_pushed_again(
     assert len(registry_server.uploads("web")) == 4 + 2  # web-2 added its own layer and config, web-1 nothing
 
 
-@needs_overlay
-@needs_registry
+@pytest.mark.overlay
+@pytest.mark.tools("docker-registry")
 def test_htpasswd_credentials_from_the_environment_or_docker_config(
     storage: tuple[RockerStorage, str, TreeView], tmp_path: Path
 ) -> None:
@@ -442,8 +432,8 @@ def test_htpasswd_credentials_from_the_environment_or_docker_config(
         assert registry.manifest_digest("web", "env") and registry.manifest_digest("web", "file")
 
 
-@needs_overlay
-@needs_registry
+@pytest.mark.overlay
+@pytest.mark.tools("docker-registry")
 def test_wrong_password_fails_with_one_line_error_naming_the_registry(
     storage: tuple[RockerStorage, str, TreeView], tmp_path: Path
 ) -> None:
@@ -462,8 +452,8 @@ def test_wrong_password_fails_with_one_line_error_naming_the_registry(
         assert not server.uploads("web")
 
 
-@needs_overlay
-@needs_registry
+@pytest.mark.overlay
+@pytest.mark.tools("docker-registry")
 def test_push_without_insecure_to_a_plain_http_registry_fails_cleanly(
     storage: tuple[RockerStorage, str, TreeView], registry_server: RegistryServer, tmp_path: Path
 ) -> None:

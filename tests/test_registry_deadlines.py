@@ -30,8 +30,7 @@ from pipeline.registry.client import (
     parse_retry_after,
     resolve_location,
 )
-from tests.cli import error_lines, run_luigi
-from tests.conftest import needs_root
+from tests.support.cli import error_lines, run_luigi
 
 DIGEST = "sha256:" + "a" * 64
 Answer = Callable[[str], bytes]  # the request's method -> the raw answer
@@ -297,7 +296,7 @@ def test_fuzzed_headers_over_http_give_an_answer_or_one_registry_error(
 # --- through the command line -----------------------------------------------------------------------------------------
 
 
-@needs_root
+@pytest.mark.root
 def test_a_push_to_a_trickling_registry_ends_in_one_error_line(
     raw_registry: Callable[..., RawRegistry], tmp_path: Path
 ) -> None:

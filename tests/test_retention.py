@@ -13,9 +13,8 @@ import pytest
 from pipeline.demo import build_sample_storage
 from pipeline.snapshots.catalog import SnapshotRecord, pruned_path, read_records, record_path
 from pipeline.snapshots.retention import apply_retention, plan_retention
-from tests.cli import REPO, commit_args, run_luigi
-from tests.conftest import needs_root
-from tests.imagecheck import read_archive_manifest
+from tests.support.cli import REPO, commit_args, run_luigi
+from tests.support.imagecheck import read_archive_manifest
 
 Completed = subprocess.CompletedProcess[str]
 
@@ -195,14 +194,16 @@ def _check_layout(layout: Path) -> None:
         assert len(blob(descriptor["digest"])) == descriptor["size"]
 
 
-@needs_root
+@pytest.mark.root
 def test_oci_dir_snapshots_with_keep_1_leave_exactly_the_newest_layout(
     storage: tuple[Path, str], tmp_path: Path
 ) -> None:
     root, cid = storage
     for stamp in (STAMP_04, STAMP_05, STAMP_06):
         _change(root, cid, f"state at {stamp}\n")
-        result = _snapshot(root, tmp_path, stamp, "--format", "oci-dir", "--keep", "1", "--batch-gc-grace-minutes", "0")
+        result = _snapshot(
+            root, tmp_path, stamp, "--format", "oci-dir", "--keep", "1", "--schedule-gc-grace-minutes", "0"
+        )
         assert result.returncode == 0, result.stderr
         assert "Traceback" not in result.stderr, result.stderr
     records = read_records(tmp_path / "out")
@@ -225,7 +226,7 @@ def _wait_stopped(process: subprocess.Popen[str], timeout: float = 120) -> None:
     raise AssertionError("the commit never reached its failpoint")
 
 
-@needs_root
+@pytest.mark.root
 def test_a_commit_using_blobs_keeps_them_while_retention_runs(storage: tuple[Path, str], tmp_path: Path) -> None:
     root, cid = storage
     assert _snapshot(root, tmp_path, STAMP_04).returncode == 0
@@ -238,7 +239,7 @@ def test_a_commit_using_blobs_keeps_them_while_retention_runs(storage: tuple[Pat
     try:
         _wait_stopped(commit)
         _change(root, cid, "changed\n")
-        retention = _snapshot(root, tmp_path, STAMP_05, "--keep", "1", "--batch-gc-grace-minutes", "0")
+        retention = _snapshot(root, tmp_path, STAMP_05, "--keep", "1", "--schedule-gc-grace-minutes", "0")
         assert retention.returncode == 0, retention.stderr
         assert "in use" in retention.stderr, retention.stderr
     finally:
@@ -254,13 +255,13 @@ def test_a_commit_using_blobs_keeps_them_while_retention_runs(storage: tuple[Pat
     assert len(layers) == 2 and all(name in {m.name for m in blobs} for name in layers)
     # Once no commit uses the cache, the next run collects what no kept snapshot needs.
     _change(root, cid, "changed again\n")
-    later = _snapshot(root, tmp_path, STAMP_06, "--keep", "1", "--batch-gc-grace-minutes", "0")
+    later = _snapshot(root, tmp_path, STAMP_06, "--keep", "1", "--schedule-gc-grace-minutes", "0")
     assert later.returncode == 0, later.stderr
     blob_dir = tmp_path / "cache" / "blobs" / "sha256"
     assert not (blob_dir / layers[1].rpartition("/")[2]).exists()
 
 
-@needs_root
+@pytest.mark.root
 def test_an_archive_no_record_names_is_collected_after_the_grace(storage: tuple[Path, str], tmp_path: Path) -> None:
     root, cid = storage
     assert _snapshot(root, tmp_path, STAMP_04).returncode == 0
@@ -275,7 +276,7 @@ def test_an_archive_no_record_names_is_collected_after_the_grace(storage: tuple[
     assert within_grace.returncode == 0, within_grace.stderr
     assert _orphans(tmp_path) == {orphan}  # younger than [snapshot] gc_grace_minutes: a run may be recording it
 
-    after_grace = _snapshot(root, tmp_path, STAMP_07, "--keep", "1", "--batch-gc-grace-minutes", "0")
+    after_grace = _snapshot(root, tmp_path, STAMP_07, "--keep", "1", "--schedule-gc-grace-minutes", "0")
     assert after_grace.returncode == 0, after_grace.stderr
     assert _orphans(tmp_path) == set()
     assert _on_disk(tmp_path) == {Path(r.archive) for r in read_records(tmp_path / "out")}

@@ -12,8 +12,8 @@ import pytest
 
 from pipeline.demo import build_sample_storage
 from pipeline.host.freezer import Freezer
-from tests.cgroups import VERSIONS, Cgroup, grows
-from tests.cli import (
+from tests.support.cgroups import VERSIONS, Cgroup, grows
+from tests.support.cli import (
     CONTAINER_LAYER_PACK,
     REPO,
     commit_args,

@@ -9,8 +9,8 @@ import pytest
 
 from pipeline.demo import build_sample_storage
 from pipeline.snapshots.catalog import read_records
-from tests.cli import REPO, run_luigi
-from tests.imagecheck import read_archive_manifest
+from tests.support.cli import REPO, run_luigi
+from tests.support.imagecheck import read_archive_manifest
 
 FLEET = 20
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.demo import build_sample_storage
-from tests.cli import error_lines, run_luigi
+from tests.support.cli import error_lines, run_luigi
 
 FLAGS = ("--output", "--commit-cache-dir", "--commit-output-dir", "--iidfile")
 PLACES = ("storage root", "diff/", "symlink into diff/")

@@ -23,9 +23,8 @@ from fastcrc import crc64
 
 from pipeline.errors import LayerError
 from pipeline.layer.tarsplit import TarSplitMismatch, write_layer_from_tarsplit
-from tests.overlay_storage import requires_root_reason
-from tests.podman_storage import PodmanStorage, build_podman_storage
-from tests.tarsplit_records import (
+from tests.support.podman_storage import PodmanStorage, build_podman_storage
+from tests.support.tarsplit_records import (
     crc_payload,
     disassemble,
     file_entry,
@@ -33,10 +32,6 @@ from tests.tarsplit_records import (
     segment,
     write_tar_split,
 )
-
-needs_podman = pytest.mark.skipif(shutil.which("podman") is None, reason="needs podman (./dev setup installs it)")
-needs_overlay = pytest.mark.skipif(requires_root_reason() is not None, reason=str(requires_root_reason()))
-
 
 # --- real podman storage ----------------------------------------------------------------------------------------
 
@@ -64,8 +59,8 @@ def _diff(podman: PodmanStorage, layer: dict[str, Any]) -> Path:
     return podman.root / "overlay" / str(layer["id"]) / "diff"
 
 
-@needs_overlay
-@needs_podman
+@pytest.mark.overlay
+@pytest.mark.tools("podman")
 def test_base_layer_is_rebuilt_byte_for_byte_with_its_recorded_digest(podman: PodmanStorage, tmp_path: Path) -> None:
     [base] = [layer for layer in _stored_layers(podman) if not layer.get("parent")]
     out_path = tmp_path / "base.tar"
@@ -80,8 +75,8 @@ def test_base_layer_is_rebuilt_byte_for_byte_with_its_recorded_digest(podman: Po
         assert member.read() == out_path.read_bytes()
 
 
-@needs_overlay
-@needs_podman
+@pytest.mark.overlay
+@pytest.mark.tools("podman")
 def test_layers_whose_whiteouts_overlay_stored_as_devices_are_rebuilt(podman: PodmanStorage) -> None:
     layers = _stored_layers(podman)
     assert len(layers) == 3  # imported base, podman commit of the builder, podman commit of web
@@ -94,8 +89,8 @@ def test_layers_whose_whiteouts_overlay_stored_as_devices_are_rebuilt(podman: Po
     assert whiteouts >= 3  # lib/old.so, var/cache, etc/hostname, gone: .wh. entries in the records
 
 
-@needs_overlay
-@needs_podman
+@pytest.mark.overlay
+@pytest.mark.tools("podman")
 def test_changed_file_in_a_real_podman_layer_is_named(podman: PodmanStorage, tmp_path: Path) -> None:
     [base] = [layer for layer in _stored_layers(podman) if not layer.get("parent")]
     copy = tmp_path / "diff"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import REPO, commit_args, error_lines, run_luigi, tree_fingerprint
+from tests.support.cli import REPO, commit_args, error_lines, run_luigi, tree_fingerprint
 
 
 def _members(archive: Path) -> list[str]:

@@ -6,7 +6,7 @@ cache-id,parent}, layerdb/mounts/<container-id>/{mount-id,init-id,parent}), laye
 link,lower,work,committed}, overlay2/l/<short id> -> ../<id>/diff), daemon/initlayer/setup_unix.go (what the init
 layer holds), container/container.go and container/state.go (containers/<id>/config.v2.json), image/fs.go
 (imagedb/content/sha256/<image-id>, the id being the digest of the config). The file trees are those of
-tests.overlay_storage's rocker builder, so both engines are checked against the same changes. Not written:
+tests.support.overlay_storage's rocker builder, so both engines are checked against the same changes. Not written:
 tar-split.json.gz, which nothing reads before tar-split reassembly (issue 6 part 3).
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.layer.writer import write_layer
-from tests.overlay_storage import (
+from tests.support.overlay_storage import (
     CONTAINER_CMD,
     CONTAINER_ENV,
     CREATED,

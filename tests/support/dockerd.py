@@ -24,8 +24,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 DOCKERD = Path("/usr/sbin/dockerd")
 DOCKER = Path("/usr/bin/docker")
 CONTAINERD = Path("/usr/bin/containerd")
@@ -48,9 +46,6 @@ def docker_missing_reason() -> str | None:
     if missing:
         return f"needs {', '.join(missing)} (./dev setup installs docker.io and busybox-static as root)"
     return None
-
-
-needs_docker = pytest.mark.skipif(docker_missing_reason() is not None, reason=str(docker_missing_reason()))
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from tests.overlay_storage import (
+from tests.support.overlay_storage import (
     BASE_LAYER_ID,
     CONTAINER_CMD,
     CONTAINER_ENV,

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import zstandard
 
-from tests.overlay_storage import Entry, TreeView, is_image_xattr, read_tree
+from tests.support.overlay_storage import Entry, TreeView, is_image_xattr, read_tree
 
 WHITEOUT_PREFIX = b".wh."  # .wh.<name> in a layer deletes <name> of the layers below
 OPAQUE_MARKER = b".wh..wh..opq"  # <dir>/.wh..wh..opq hides everything the layers below hold in <dir>

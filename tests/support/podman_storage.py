@@ -12,8 +12,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests import imagecheck
-from tests.overlay_storage import CAPABILITY_NET_RAW, TreeView, read_tree
+from tests.support import imagecheck
+from tests.support.overlay_storage import CAPABILITY_NET_RAW, TreeView, read_tree
 
 FIXED_MTIME = 1_700_000_000
 BASE_CHANGES = (  # podman import --change: the base image's config

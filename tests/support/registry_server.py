@@ -12,7 +12,6 @@ import http.client
 import http.server
 import json
 import re
-import shutil
 import socket
 import ssl
 import subprocess
@@ -24,13 +23,6 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
-
-needs_registry = pytest.mark.skipif(
-    shutil.which("docker-registry") is None, reason="needs docker-registry (./dev setup installs it as root)"
-)
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
 USER = "pusher"
 PASSWORD = "right-horse-battery"
