@@ -30,6 +30,7 @@ import luigi.parameter
 import luigi.retcodes
 import luigi.rpc
 
+import pipeline.tasks  # noqa: F401 - registers the tasks (pipeline was imported before luigi)
 from pipeline.logformat import scheduler_unreachable
 
 log = logging.getLogger("luigi-interface")

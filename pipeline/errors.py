@@ -35,3 +35,7 @@ class InvalidChange(PipelineError):
 
 class RegistryError(PipelineError):
     """A registry refused a push or a check, or could not be reached."""
+
+
+class FreezerError(PipelineError):
+    """A container's cgroup cannot be frozen or thawed, or a freeze marker cannot be read."""

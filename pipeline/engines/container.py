@@ -42,7 +42,7 @@ class Container:
     pid: int
     image: str
     lower_layers: tuple[Layer, ...]
-    layer: Layer
+    upper_layer: Layer
     # The container's own settings in Docker image-config keys (Cmd, Env, ...), applied over the base image's.
     config: dict[str, Any] = field(default_factory=dict)
     # The container's whole Docker Config (DOCKER_CONFIG_FIELDS; null values kept), where the engine records it

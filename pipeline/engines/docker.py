@@ -74,7 +74,7 @@ class DockerStorage:
             pid=moby.pid,
             image=image,
             lower_layers=tuple(self._read_image_layers(container_id)),
-            layer=self._read_container_layer(container_id),
+            upper_layer=self._read_container_layer(container_id),
             config=image_config,
             # config.v2.json's Config is the container's whole Config with the image's defaults merged in at
             # create time (daemon/create.go), which docker commit writes as the image's config.

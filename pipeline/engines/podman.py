@@ -99,7 +99,7 @@ class PodmanStorage:
             pid=process,
             image=image or _image_name(record) or stored_image,
             lower_layers=tuple(layers[:-1]),
-            layer=layers[-1],
+            upper_layer=layers[-1],
             config=_build_image_settings(config, f"container {container_id} in {self._libpod_path()}"),
         )
 

@@ -65,7 +65,7 @@ class RockerStorage:
             pid=moby.pid,
             image=moby.image,
             lower_layers=tuple(self._read_lower(container_id)),
-            layer=Layer(container_id, checked_layer_dir(self._layers_root, container_id, container_id)),
+            upper_layer=Layer(container_id, checked_layer_dir(self._layers_root, container_id, container_id)),
             config=image_config,
         )
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline import jsoncheck
-from pipeline.errors import StorageError
+from pipeline.errors import FreezerError
 from pipeline.host.atomic import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,12 @@ class Freezer:
                 time.sleep(_POLL_INTERVAL)
         except OSError as e:
             self.thaw()
-            raise StorageError(
+            raise FreezerError(
                 f"{self.path}: cannot freeze the cgroup ({e.strerror}); check that it still exists and is writable"
             ) from e
         # Never leave a container half-frozen: the tasks that did stop would stay stopped with nobody to wake them.
         self.thaw()
-        raise StorageError(
+        raise FreezerError(
             f"{self.path}: the cgroup's processes did not all freeze within {timeout:g} s (a process stuck in"
             " uninterruptible I/O holds the freezer up); retry once the container is idle"
         )
@@ -117,12 +117,12 @@ class Freezer:
             _write_control(self.path / control, value)
         except FileNotFoundError as e:
             if self.path.is_dir():
-                raise StorageError(
+                raise FreezerError(
                     f"{self.path}: no {control} in this cgroup; it is not a cgroup v{self.version}"
                 ) from e
             log.debug("%s: cgroup is gone, nothing to thaw", self.path)
         except OSError as e:
-            raise StorageError(
+            raise FreezerError(
                 f"{self.path}: cannot thaw the cgroup ({e.strerror}); its processes stay paused until"
                 f" `echo {value} > {self.path / control}` is run as root"
             ) from e
@@ -134,7 +134,7 @@ class Freezer:
         except FileNotFoundError:
             return False
         except OSError as e:
-            raise StorageError(f"{self.path}: cannot read the cgroup's freezer state ({e.strerror})") from e
+            raise FreezerError(f"{self.path}: cannot read the cgroup's freezer state ({e.strerror})") from e
 
     def is_paused(self) -> bool:
         """Whether someone has frozen the cgroup or asked for it: v1 freezer.state FROZEN or FREEZING (which it also
@@ -146,7 +146,7 @@ class Freezer:
         except FileNotFoundError:
             return False
         except OSError as e:
-            raise StorageError(f"{self.path}: cannot read the cgroup's freezer state ({e.strerror})") from e
+            raise FreezerError(f"{self.path}: cannot read the cgroup's freezer state ({e.strerror})") from e
 
     def _reads_frozen(self) -> bool:
         if self.version == 1:
@@ -270,8 +270,8 @@ def paused(pid: int, marker_dir: Path, *, label: str, container_id: str) -> Iter
     try:
         try:
             freezer.freeze()
-        except StorageError as e:
-            raise StorageError(f"container {label}: {e}") from e
+        except FreezerError as e:
+            raise FreezerError(f"container {label}: {e}") from e
         log.debug("container %s: froze %s (cgroup v%d)", label, freezer.path, freezer.version)
         yield freezer
     finally:
@@ -294,7 +294,7 @@ def thaw_abandoned(marker_dir: Path) -> list[Path]:
             log.warning("%s: malformed freeze marker (%s); removing it", path, e)
             path.unlink(missing_ok=True)
         except OSError as e:
-            raise StorageError(f"{path}: cannot read freeze marker ({e.strerror}); fix its permissions") from e
+            raise FreezerError(f"{path}: cannot read freeze marker ({e.strerror}); fix its permissions") from e
     verdicts = {path: _judge_owner(marker) for path, marker in markers.items()}
     # A cgroup a live commit has frozen stays frozen, even if a dead commit's marker names it too.
     held = {marker.freezer.path for path, marker in markers.items() if verdicts[path] == "live"}
@@ -427,7 +427,7 @@ def _write_marker(marker_dir: Path, freezer: Freezer, pid: int, label: str, cont
     try:
         inode = freezer.path.stat().st_ino
     except OSError as e:
-        raise StorageError(f"{freezer.path}: cannot examine the container's cgroup ({e.strerror})") from e
+        raise FreezerError(f"{freezer.path}: cannot examine the container's cgroup ({e.strerror})") from e
     record = {
         "cgroup": str(freezer.path),
         "cgroup_inode": inode,

@@ -1,4 +1,4 @@
-"""Builds docker-archive's manifest.json and legacy repositories documents.
+"""Builds docker-archive's own documents: manifest.json (not an OCI image manifest) and the legacy repositories.
 
 Spec: moby's image/tarexport (manifestItem; "repositories" is {name: {tag: id}}).
 """
@@ -14,7 +14,7 @@ def blob_name(digest: str) -> str:
     return f"blobs/{algorithm}/{hex_digest}"
 
 
-def build_manifest(config_digest: str, layer_digests: list[str], reference: Reference) -> list[dict[str, Any]]:
+def build_docker_manifest(config_digest: str, layer_digests: list[str], reference: Reference) -> list[dict[str, Any]]:
     return [
         {
             "Config": blob_name(config_digest),

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.host.atomic import fsync_dir, make_dirs
+from pipeline.image.dockerarchive import blob_name
 from pipeline.image.imageconfig import digest_of, encode_json
-from pipeline.image.manifest import blob_name
 from pipeline.image.reference import Reference
-from pipeline.store.compression import CompressedBlob
+from pipeline.store.compression import StoredBlob
 
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -24,7 +24,7 @@ LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
 OCI_LAYOUT = encode_json({"imageLayoutVersion": "1.0.0"})
 
 
-def build_image_manifest(config: bytes, layers: Sequence[CompressedBlob]) -> dict[str, Any]:
+def build_image_manifest(config: bytes, layers: Sequence[StoredBlob]) -> dict[str, Any]:
     """The image manifest: the config, then each layer blob as stored (plain tar, tar+gzip or tar+zstd)."""
     return {
         "schemaVersion": 2,

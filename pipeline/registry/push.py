@@ -8,21 +8,22 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline import jsoncheck
 from pipeline.errors import InvalidReference, OutputError, RegistryError
 from pipeline.host.atomic import make_dirs, write_bytes_atomic
 from pipeline.image.imageconfig import digest_of, encode_json
-from pipeline.image.ocilayout import CONFIG_MEDIA_TYPE
-from pipeline.image.ocilayout import build_image_manifest as build_manifest_doc
+from pipeline.image.ocilayout import CONFIG_MEDIA_TYPE, build_image_manifest
 from pipeline.image.reference import Reference, parse_reference
 from pipeline.layer.writer import LayerRecord
 from pipeline.registry.client import Blob, Registry
 from pipeline.store.cache import LayerCache
 from pipeline.store.compression import compress_blob, default_level
+from pipeline.store.layout import CacheLayout
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def parse_push_reference(text: str) -> Reference:
     return reference
 
 
-def build_image(
+def prepare_image(
     config: bytes,
     records: Sequence[LayerRecord],
     cache: LayerCache,
@@ -79,7 +80,7 @@ def build_image(
     chosen = default_level(compression) if level is None else level
     stored = [compress_blob(cache.root, r, compression, chosen) for r in records]
     layers = tuple(Blob(b.digest, b.size, b.media_type, path=cache.blob_path(b.digest)) for b in stored)
-    manifest = encode_json(build_manifest_doc(config, stored))
+    manifest = encode_json(build_image_manifest(config, stored))
     return Image(manifest, Blob(digest_of(config), len(config), CONFIG_MEDIA_TYPE, data=config), layers)
 
 
@@ -92,40 +93,76 @@ class PushedBlobs:
 
     @classmethod
     def in_cache(cls, cache_dir: Path, host: str) -> "PushedBlobs":
-        return cls(cache_dir / "pushed" / f"{host.replace('/', '_')}.json")
+        return cls(CacheLayout(cache_dir).pushed_blobs(host))
 
     def sources(self, digest: str) -> list[str]:
-        return list(self._read().get(digest, []))
+        found = _read_json(self.path).get(digest, [])
+        return [r for r in found if isinstance(r, str)] if isinstance(found, list) else []
 
     def add(self, repository: str, digests: Iterable[str]) -> None:
-        make_dirs(self.path.parent)
-        fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # read-modify-write: concurrent pushes must not drop each other's entries
-            record = self._read()
+        def change(record: dict[str, Any]) -> None:
             for digest in digests:
-                repositories = record.setdefault(digest, [])
-                if repository in repositories:
-                    repositories.remove(repository)
-                repositories.insert(0, repository)  # the latest first: the likeliest to still hold it
-            write_bytes_atomic(self.path, encode_json(record))
-        finally:
-            os.close(fd)
+                known = record.get(digest)
+                repositories = [r for r in known if r != repository] if isinstance(known, list) else []
+                record[digest] = [repository, *repositories]  # the latest first: the likeliest to still hold it
 
-    def _read(self) -> dict[str, list[str]]:
-        try:
-            record = jsoncheck.loads(self.path.read_bytes())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:
-            log.warning("%s: unreadable (%s); pushing without mounts", self.path, e)
-            return {}
-        if not isinstance(record, dict):
-            return {}
-        return {k: [r for r in v if isinstance(r, str)] for k, v in record.items() if isinstance(v, list)}
+        _update_json(self.path, change)
 
 
-def push_image(registry: Registry, reference: Reference, image: Image, pushed: PushedBlobs | None = None) -> PushResult:
+class PushedTags:
+    """Which manifest digest each tag pushed from this cache was given (<cache>/pushed/<host>.tags.json).
+
+    A push's luigi target compares with this record, so deciding whether a push is done never calls the registry
+    (luigi's complete() must stay cheap and offline). A tag moved in the registry by someone else since is not
+    noticed; remove this file to push every tag again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def in_cache(cls, cache_dir: Path, host: str) -> "PushedTags":
+        return cls(CacheLayout(cache_dir).pushed_tags(host))
+
+    def digest(self, repository: str, tag: str) -> str | None:
+        found = _read_json(self.path).get(f"{repository}:{tag}")
+        return found if isinstance(found, str) else None
+
+    def add(self, repository: str, tag: str, digest: str) -> None:
+        _update_json(self.path, lambda record: record.update({f"{repository}:{tag}": digest}))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A push record, or {} when it is missing or unreadable (records are hints: the push proceeds without)."""
+    try:
+        record = jsoncheck.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable (%s); pushing without it", path, e)
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _update_json(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Read-modify-write a push record under a flock, so concurrent pushes never drop each other's entries."""
+    make_dirs(path.parent)
+    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        record = _read_json(path)
+        change(record)
+        write_bytes_atomic(path, encode_json(record))
+    finally:
+        os.close(fd)
+
+
+def push_image(
+    registry: Registry,
+    reference: Reference,
+    image: Image,
+    pushed: PushedBlobs | None = None,
+    tags: PushedTags | None = None,
+) -> PushResult:
     """Push image to reference: each blob the repository lacks is mounted from another repository known to hold it,
     or uploaded; then the manifest is PUT under the tag."""
     for blob in image.layers:
@@ -153,6 +190,8 @@ def push_image(registry: Registry, reference: Reference, image: Image, pushed: P
     digest = registry.put_manifest(repository, reference.tag, image.manifest)
     if pushed is not None:
         pushed.add(repository, [b.digest for b in (*image.layers, image.config)])
+    if tags is not None:
+        tags.add(repository, reference.tag, digest)
     counts = len(uploaded), len(mounted), len(present)
     log.info("pushed %s as %s: %d blobs uploaded, %d mounted, %d already there", reference, digest, *counts)
     return PushResult(str(reference), digest, tuple(uploaded), tuple(mounted), tuple(present))

@@ -90,6 +90,25 @@ def catalog_dir(output_dir: Path) -> Path:
     return output_dir / "catalog"
 
 
+def snapshots_dir(output_dir: Path) -> Path:
+    """Where snapshot archives go: one directory per container (archive_path)."""
+    return output_dir / "snapshots"
+
+
+def archive_path(output_dir: Path, directory: str, stamp: str, fmt: str) -> Path:
+    """<output_dir>/snapshots/<directory>/<stamp>.tar (a directory without .tar for oci-dir)."""
+    return snapshots_dir(output_dir) / directory / (stamp if fmt == "oci-dir" else f"{stamp}.tar")
+
+
+def run_summary_path(output_dir: Path, stamp: str, selection: str) -> Path:
+    """The summary a SnapshotAll run writes last: its luigi target."""
+    return catalog_dir(output_dir) / "runs" / f"{stamp}-{selection}.json"
+
+
+def pruned_dir(output_dir: Path) -> Path:
+    return catalog_dir(output_dir) / "pruned"
+
+
 def record_path(output_dir: Path, container_id: str, stamp: str) -> Path:
     return catalog_dir(output_dir) / "records" / container_id / f"{stamp}.json"
 
@@ -97,7 +116,7 @@ def record_path(output_dir: Path, container_id: str, stamp: str) -> Path:
 def pruned_path(output_dir: Path, container_id: str, stamp: str) -> Path:
     """The marker retention leaves for a snapshot it pruned: that snapshot is done, not missing, so a run still
     in flight (or one re-run in its period) never takes it for work left to do."""
-    return catalog_dir(output_dir) / "pruned" / container_id / stamp
+    return pruned_dir(output_dir) / container_id / stamp
 
 
 def read_records(output_dir: Path, container_id: str | None = None) -> list[SnapshotRecord]:

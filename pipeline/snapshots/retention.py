@@ -21,9 +21,17 @@ from pathlib import Path
 
 from pipeline import jsoncheck
 from pipeline.host.atomic import is_partial, make_dirs, partial_path, remove_abandoned_partials
-from pipeline.snapshots.catalog import SnapshotRecord, catalog_dir, pruned_path, read_records, record_path
+from pipeline.snapshots.catalog import (
+    SnapshotRecord,
+    pruned_dir,
+    pruned_path,
+    read_records,
+    record_path,
+    snapshots_dir,
+)
 from pipeline.snapshots.snapshot import STAMP_FORMAT
 from pipeline.store.cache import LayerCache
+from pipeline.store.layout import CacheLayout
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +104,7 @@ def run_retention(
         plan = plan_retention(output_dir, cache_dir, keep, grace_seconds=grace_seconds, collect_cache=alone)
         apply_retention(plan)
         if alone:
-            remove_abandoned_partials(cache_dir / "commits")
+            remove_abandoned_partials(CacheLayout(cache_dir).commits_dir)
     return plan
 
 
@@ -120,7 +128,7 @@ def _stale(stamp: str, newest: str | None) -> bool:
 
 def _stale_markers(output_dir: Path, newest: dict[str, str]) -> list[Path]:
     found = []
-    for directory in sorted((catalog_dir(output_dir) / "pruned").glob("*")):
+    for directory in sorted(pruned_dir(output_dir).glob("*")):
         for marker in sorted(directory.glob("*")) if directory.is_dir() else []:
             if _stale(marker.name, newest.get(directory.name)):
                 found.append(marker)
@@ -131,7 +139,7 @@ def _orphan_archives(output_dir: Path, named: set[str], cutoff: float) -> list[P
     """Snapshot archives (<stamp>.tar files, <stamp> layout directories) under <output_dir>/snapshots that no
     record names and that are older than cutoff: what a run killed between an archive and its record left."""
     orphans = []
-    for directory in sorted((output_dir / "snapshots").glob("*")):
+    for directory in sorted(snapshots_dir(output_dir).glob("*")):
         for entry in sorted(directory.iterdir()) if directory.is_dir() and not directory.is_symlink() else []:
             try:
                 st = entry.lstat()
@@ -155,9 +163,10 @@ def _cache_garbage(cache_dir: Path, kept: list[SnapshotRecord], cutoff: float) -
     run killed halfway leaves blobs nothing names (collected next time), never an entry naming a missing blob."""
     needed = {d.removeprefix("sha256:") for r in kept for d in r.diff_ids}
     # A kept layer's gzip/zstd forms are kept too: their mappings (compressed/*.json) name diff_id and digest.
-    mappings = _read_mappings(cache_dir)
+    layout = CacheLayout(cache_dir)
+    mappings = _read_mappings(layout)
     needed |= {digest for diff_id, digest in mappings.values() if diff_id in needed}
-    blob_dir = cache_dir / "blobs" / "sha256"
+    blob_dir = layout.blob_dir
     present: set[str] = set()
     doomed_blobs: list[Path] = []
     for blob in sorted(blob_dir.iterdir()) if blob_dir.is_dir() else []:
@@ -173,18 +182,18 @@ def _cache_garbage(cache_dir: Path, kept: list[SnapshotRecord], cutoff: float) -
             present.add(blob.name)
 
     entries: list[Path] = []
-    for record_file in sorted(cache_dir.glob("layers/*.json")) + sorted(cache_dir.glob("commits/*/layer.json")):
+    for record_file in layout.layer_records():
         try:
             diff_id = jsoncheck.loads(record_file.read_bytes())["diff_id"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if isinstance(diff_id, str) and diff_id.removeprefix("sha256:") not in present:
             entries.append(record_file)
-    for commit in sorted(cache_dir.glob("commits/*")):
+    for commit in layout.commit_dirs():
         if is_partial(commit) or not commit.is_dir():
             continue
         try:
-            diff_ids = jsoncheck.loads((commit / "config.json").read_bytes())["rootfs"]["diff_ids"]
+            diff_ids = jsoncheck.loads(layout.commit_file(commit, "config.json").read_bytes())["rootfs"]["diff_ids"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if isinstance(diff_ids, list) and any(str(d).removeprefix("sha256:") not in present for d in diff_ids):
@@ -216,10 +225,10 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def _read_mappings(cache_dir: Path) -> dict[Path, tuple[str, str]]:
+def _read_mappings(layout: CacheLayout) -> dict[Path, tuple[str, str]]:
     """Each compressed-blob mapping file, with the hex of the diff_id it compresses and of its own digest."""
     mappings = {}
-    for path in sorted(cache_dir.glob("compressed/*.json")):
+    for path in layout.compressed_mappings():
         try:
             doc = jsoncheck.loads(path.read_bytes())
             mappings[path] = (doc["diff_id"].removeprefix("sha256:"), doc["digest"].removeprefix("sha256:"))

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from pipeline.commit import ContainerState
 from pipeline.engines.container import Container, Storage
 from pipeline.host.process import is_alive
 from pipeline.image.imageconfig import digest_of
 from pipeline.image.reference import build_reference_from_name
 from pipeline.layer.writer import LayerRecord
-from pipeline.snapshots.catalog import SnapshotRecord, previous_record
+from pipeline.plan import ContainerState
+from pipeline.snapshots.catalog import SnapshotRecord, archive_path, previous_record
 
 STAMP_FORMAT = "%Y-%m-%dT%H%M"  # luigi's DateMinuteParameter format; also a valid image tag
 
@@ -45,7 +45,7 @@ def snapshot_archive(output_dir: Path, container: Container, stamp: str, fmt: st
     """<output_dir>/snapshots/<name>-<short id>/<stamp>.tar (a directory without .tar for oci-dir); the short id
     keeps equal names apart."""
     name = build_reference_from_name(container.name, container.container_id).name.replace("/", "_")
-    return output_dir / "snapshots" / f"{name}-{container.short_id}" / (stamp if fmt == "oci-dir" else f"{stamp}.tar")
+    return archive_path(output_dir, f"{name}-{container.short_id}", stamp, fmt)
 
 
 def find_unchanged(output_dir: Path, container: Container, stamp: str, state: ContainerState) -> SnapshotRecord | None:

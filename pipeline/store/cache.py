@@ -10,17 +10,19 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from pipeline.errors import PipelineError, SourceChanged
 from pipeline.host import failpoint
 from pipeline.host.atomic import fsync_dir, make_dirs, no_space_error, partial_path, remove_abandoned_partials
 from pipeline.layer.tarsplit import TarSplitMismatch, write_layer_from_tarsplit
-from pipeline.layer.writer import LayerRecord, walk_metadata, write_layer
+from pipeline.layer.writer import LayerRecord, read_record, walk_metadata, write_layer
+from pipeline.store.layout import CacheLayout
 
 log = logging.getLogger(__name__)
 
 _BUFFER = 1 << 20
+_R = TypeVar("_R")
 # The cache-wide lock between users of blobs (shared) and retention's deletion of blobs (exclusive) is a flock on
 # the cache directory itself (per-entry locks are files under locks/, the catalog's its own file).
 # _HELD: the caches this process uses (their real path), each with the descriptor of its shared hold. A process
@@ -36,12 +38,12 @@ class LayerCache:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.layout = CacheLayout(root)
 
     def blob_path(self, digest: str) -> Path:
         """Where the blob is; naming a blob is using it, so this process holds the cache against retention."""
         self.hold()
-        algorithm, _, hex_digest = digest.partition(":")
-        return self.root / "blobs" / algorithm / hex_digest
+        return self.layout.blob(digest)
 
     def hold(self) -> None:
         """Keep retention from deleting blobs while this process may still use them: a shared flock on the cache
@@ -113,13 +115,32 @@ class LayerCache:
         verified it)."""
         return blob_intact(self.blob_path(record.diff_id), record.diff_id, record.size, recorded_ns, "packing it")
 
+    def has_record(self, path: Path) -> bool:
+        """Whether the layer record at path exists and its blob is intact: a blob deleted, truncated or altered
+        since the record was written must be packed again (a damaged record raises LayerError naming it)."""
+        try:
+            recorded_ns = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return False
+        record = read_record(path)
+        if not self.has_blob(record, recorded_ns=recorded_ns):
+            return False
+        try:
+            if self.blob_path(record.diff_id).stat().st_ctime_ns > recorded_ns:
+                # Verified by its digest just now: a hardlink into an OCI layout or snapshot store moves the blob's
+                # ctime without changing a byte, and without this the blob would be hashed at every later check.
+                os.utime(path)
+        except OSError as e:
+            log.debug("%s: cannot refresh the record's time (%s)", path, e)
+        return True
+
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
         """Exclusive across processes (flock), so two workers never pack the same layer at the same moment."""
-        lock_dir = self.root / "locks"
-        make_dirs(lock_dir)
+        path = self.layout.lock(key)
+        make_dirs(path.parent)
         self.hold()
-        fd = os.open(lock_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -167,37 +188,56 @@ class LayerCache:
     def _store(
         self, layer_dir: Path, write: Callable[[BinaryIO], LayerRecord], expected: str | None = None
     ) -> LayerRecord:
-        """Write a layer blob through a temporary file, named by its digest once complete and fsync'd."""
-        blob_dir = self.root / "blobs" / "sha256"
-        make_dirs(blob_dir)
-        self.hold()  # before anything is written: a blob with no record yet is only safe from retention this way
-        remove_abandoned_partials(blob_dir)
-        temp = partial_path(blob_dir / "layer")
-        try:
-            with open(temp, "wb", buffering=_BUFFER) as f:
-                failpoint.reached("pack:started")
-                record = write(f)
-                f.flush()
-                os.fsync(f.fileno())
+        """Write a layer blob (write_blob), refusing one that does not hash to expected when given."""
+
+        def checked(out: BinaryIO) -> LayerRecord:
+            record = write(out)
             if expected is not None and record.diff_id != expected:
                 raise TarSplitMismatch(
                     f"{layer_dir}: reassembled to {record.diff_id}, not the recorded {expected}; files changed"
                 )
-            failpoint.reached("pack:before-rename")
+            return record
+
+        record = self.write_blob(checked, lambda r: r.diff_id, needed=lambda: _estimate_size(layer_dir))
+        log.info("packed %s into %s (%d bytes)", layer_dir, record.diff_id, record.size)
+        return record
+
+    def write_blob(
+        self,
+        write: Callable[[BinaryIO], _R],
+        digest_of: Callable[[_R], str],
+        *,
+        needed: Callable[[], int],
+        step: str = "pack",
+    ) -> _R:
+        """Write a blob through a temporary file in the blob directory, fsync'd and then named by its digest
+        (digest_of what write returned), so a blob under its name is always whole. needed estimates the bytes
+        for a full-disk error; step names the failpoints (<step>:started, :before-rename, :after-rename)."""
+        blob_dir = self.layout.blob_dir
+        make_dirs(blob_dir)
+        self.hold()  # before anything is written: a blob with no record yet is only safe from retention this way
+        remove_abandoned_partials(blob_dir)
+        temp = partial_path(blob_dir / "blob")
+        try:
+            with open(temp, "wb", buffering=_BUFFER) as f:
+                failpoint.reached(f"{step}:started")
+                result = write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            failpoint.reached(f"{step}:before-rename")
             # Same name, same content: replacing an existing blob changes nothing a reader could see.
-            os.replace(temp, self.blob_path(record.diff_id))
+            os.replace(temp, self.blob_path(digest_of(result)))
         except OSError as e:
             temp.unlink(missing_ok=True)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise no_space_error(blob_dir / "layer", e, needed=_estimate_size(layer_dir)) from e
+                raise no_space_error(blob_dir, e, needed=needed()) from e
             raise
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
         fsync_dir(blob_dir)
-        failpoint.reached("pack:after-rename")
-        log.info("packed %s into %s (%d bytes)", layer_dir, record.diff_id, record.size)
-        return record
+        failpoint.reached(f"{step}:after-rename")
+        return result
 
 
 def blob_intact(path: Path, digest: str, size: int, recorded_ns: int | None, redo: str) -> bool:

@@ -4,7 +4,6 @@ Specs: https://github.com/opencontainers/image-spec/blob/main/layer.md (the tar+
 https://www.rfc-editor.org/rfc/rfc1952 (gzip), https://www.rfc-editor.org/rfc/rfc8878 (zstd).
 """
 
-import errno
 import hashlib
 import json
 import logging
@@ -23,9 +22,10 @@ from isal import isal_zlib
 
 from pipeline import jsoncheck
 from pipeline.errors import LayerError, OutputError, PipelineError
-from pipeline.host.atomic import fsync_dir, no_space_error, partial_path, write_bytes_atomic
+from pipeline.host.atomic import write_bytes_atomic
 from pipeline.layer.writer import LayerRecord
 from pipeline.store.cache import LayerCache, blob_intact
+from pipeline.store.layout import CacheLayout
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ _ZSTD_JOB = 1 << 20
 
 
 @dataclass(frozen=True)
-class CompressedBlob:
+class StoredBlob:
     """A compressed layer blob: digest and size of the stored bytes, the diff_id of the tar they decompress to,
     how it was compressed, and its OCI media type."""
 
@@ -188,7 +188,7 @@ class _HashingWriter:
 
 def write_compressed(
     source: BinaryIO, out: BinaryIO, record: LayerRecord, algorithm: str, level: int, *, threads: int = ZSTD_THREADS
-) -> CompressedBlob:
+) -> StoredBlob:
     """Compress source, which holds record's layer tar, into out in chunks, hashing what is written.
 
     Exactly record.size bytes are read (LayerError if source holds more or fewer). They are not hashed again:
@@ -221,7 +221,7 @@ def write_compressed(
         sink.stop()
         raise
     sink.close()
-    return CompressedBlob(
+    return StoredBlob(
         digest="sha256:" + sink.hash.hexdigest(),
         size=sink.size,
         diff_id=record.diff_id,
@@ -236,12 +236,12 @@ def _name(stream: BinaryIO) -> str:
 
 
 def mapping_path(cache_root: Path, diff_id: str, algorithm: str, level: int) -> Path:
-    return cache_root / "compressed" / f"{diff_id.removeprefix('sha256:')}-{algorithm}-{level}.json"
+    return CacheLayout(cache_root).compressed_mapping(diff_id, algorithm, level)
 
 
 def compress_blob(
     cache_root: Path, record: LayerRecord, algorithm: str, level: int, *, threads: int = ZSTD_THREADS
-) -> CompressedBlob:
+) -> StoredBlob:
     """The cached layer tar of record, compressed into the cache (blobs/sha256/<digest>) once: later calls, from
     any process, find the recorded blob and return it without compressing again.
 
@@ -253,7 +253,7 @@ def compress_blob(
     source = cache.blob_path(record.diff_id)
     if algorithm == "none":
         _check_source(source, record)
-        return CompressedBlob(record.diff_id, record.size, record.diff_id, "none", 0, MEDIA_TYPES["none"])
+        return StoredBlob(record.diff_id, record.size, record.diff_id, "none", 0, MEDIA_TYPES["none"])
     mapping = mapping_path(cache_root, record.diff_id, algorithm, level)
     found = _read_mapping(cache, mapping, record, algorithm, level)
     if found is not None:
@@ -270,11 +270,11 @@ def compress_blob(
     return blob
 
 
-def find_blob(cache_root: Path, record: LayerRecord, algorithm: str, level: int) -> CompressedBlob | None:
+def find_blob(cache_root: Path, record: LayerRecord, algorithm: str, level: int) -> StoredBlob | None:
     """The blob compress_blob would return, if it is already in the cache intact; None otherwise (nothing is
     compressed)."""
     if algorithm == "none":
-        return CompressedBlob(record.diff_id, record.size, record.diff_id, "none", 0, MEDIA_TYPES["none"])
+        return StoredBlob(record.diff_id, record.size, record.diff_id, "none", 0, MEDIA_TYPES["none"])
     mapping = mapping_path(cache_root, record.diff_id, algorithm, level)
     return _read_mapping(LayerCache(cache_root), mapping, record, algorithm, level)
 
@@ -290,45 +290,34 @@ def _check_source(source: Path, record: LayerRecord) -> None:
 
 def _compress_into_cache(
     cache: LayerCache, source: Path, record: LayerRecord, algorithm: str, level: int, threads: int
-) -> CompressedBlob:
+) -> StoredBlob:
     _check_source(source, record)
-    blob_dir = source.parent
-    target = blob_dir / f"{record.hex}-{algorithm}-{level}"  # its name until its digest is known
-    temp = partial_path(target)
     try:
         src = open(source, "rb", buffering=0)
     except OSError as e:
         raise LayerError(f"{source}: cannot open cached layer blob ({e.strerror}); pack the layer again") from e
-    try:
-        with src, open(temp, "wb", buffering=_CHUNK) as out:
-            blob = write_compressed(src, out, record, algorithm, level, threads=threads)
-            out.flush()
-            os.fsync(out.fileno())
-        final = cache.blob_path(blob.digest)
-        # Same name, same content: replacing a blob another process wrote changes nothing a reader could see.
-        os.replace(temp, final)
-    except OSError as e:
-        temp.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise no_space_error(target, e, needed=record.size) from e
-        raise OutputError(f"{target}: cannot compress {source} ({e.strerror}); check the cache directory") from e
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_dir(blob_dir)
-    return blob
+    with src:
+        try:
+            return cache.write_blob(
+                lambda out: write_compressed(src, out, record, algorithm, level, threads=threads),
+                lambda blob: blob.digest,
+                needed=lambda: record.size,
+                step="compress",
+            )
+        except OSError as e:
+            raise OutputError(f"{source}: cannot compress it ({e.strerror}); check the cache directory") from e
 
 
 def _read_mapping(
     cache: LayerCache, mapping: Path, record: LayerRecord, algorithm: str, level: int
-) -> CompressedBlob | None:
+) -> StoredBlob | None:
     """The recorded blob if its mapping is readable and the blob intact; None (compress again) otherwise."""
     try:
         recorded_ns = mapping.stat().st_mtime_ns
         doc = jsoncheck.loads(mapping.read_bytes())
         if not isinstance(doc, dict):
             raise jsoncheck.FieldError("the record", "a JSON object", doc)
-        blob = CompressedBlob(
+        blob = StoredBlob(
             digest=jsoncheck.string(doc["digest"], "digest"),
             size=jsoncheck.whole_number(doc["size"], "size", 0),
             diff_id=jsoncheck.string(doc["diff_id"], "diff_id"),

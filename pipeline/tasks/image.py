@@ -5,7 +5,6 @@ Graph for one commit (every output written atomically):
     PackContainerLayer ┴─> WriteImageConfig ─> WriteManifest, WriteRepositories ─> WriteImageArchive <─ CommitImage
 """
 
-import hashlib
 import logging
 import os
 import time
@@ -15,7 +14,7 @@ from typing import Any
 
 import luigi
 
-from pipeline import commit as commits
+from pipeline import assembly, packing, plan
 from pipeline.engines import open_storage
 from pipeline.engines.container import Layer
 from pipeline.errors import LayerError, OutputError
@@ -25,10 +24,11 @@ from pipeline.image.archive import read_member
 from pipeline.image.imageconfig import CommitOptions, digest_of
 from pipeline.image.reference import parse_reference
 from pipeline.layer import whiteout
-from pipeline.layer.writer import LayerRecord, encode_record, read_record
+from pipeline.layer.writer import LayerRecord, read_record
 from pipeline.store import squash
 from pipeline.store.cache import LayerCache
-from pipeline.store.compression import ALGORITHMS, CompressedBlob
+from pipeline.store.compression import ALGORITHMS, StoredBlob
+from pipeline.store.layout import CacheLayout, key_of
 from pipeline.tasks.settings import DurableTarget, HostTask, RepeatableParameter, StorageTask, commit, storage
 
 log = logging.getLogger(__name__)
@@ -47,18 +47,14 @@ class _LayerTask(HostTask):
     overlay_xattrs: str = luigi.ChoiceParameter(choices=whiteout.OVERLAY_XATTRS, default="trusted", significant=False)
 
     def output(self) -> DurableTarget:
-        return DurableTarget(os.path.join(self.cache_dir, "layers", f"{_key(self.source_key, self.clamp_mtime)}.json"))
+        return DurableTarget(str(CacheLayout(Path(self.cache_dir)).layer_record(self.source_key, self.clamp_mtime)))
+
+    def complete(self) -> bool:
+        return LayerCache(Path(self.cache_dir)).has_record(Path(self.output().path))
 
     def run(self) -> None:
-        cache = LayerCache(Path(self.cache_dir))
-        with cache.lock(_key(self.output().path)):
-            if self.complete():  # another process packed it while this one waited for the lock
-                return
-            with self.pausing():
-                failpoint.reached(f"pack:{self.task_family}")
-                record = self.pack(cache)
-            with self.output().temporary_path() as temp:
-                Path(temp).write_bytes(encode_record(record))
+        cache, record = LayerCache(Path(self.cache_dir)), Path(self.output().path)
+        packing.pack_into_cache(cache, record, self.pack, pausing=self.pausing, step=f"pack:{self.task_family}")
         failpoint.reached("task:layer-done")
 
     def pausing(self) -> AbstractContextManager[object]:
@@ -67,15 +63,6 @@ class _LayerTask(HostTask):
 
     def pack(self, cache: LayerCache) -> LayerRecord:
         raise NotImplementedError
-
-    def complete(self) -> bool:
-        # The record alone is not enough: a blob deleted, truncated or altered since must be packed again.
-        path = Path(self.output().path)
-        try:
-            recorded_ns = path.stat().st_mtime_ns
-        except FileNotFoundError:
-            return False
-        return LayerCache(Path(self.cache_dir)).has_blob(read_record(path), recorded_ns=recorded_ns)
 
 
 class PackImageLayer(_LayerTask):
@@ -93,7 +80,7 @@ class PackImageLayer(_LayerTask):
             diff_id=self.original_diff_id,
             overlay_xattrs=self.overlay_xattrs,
         )
-        return commits.pack_image_layer(cache, layer, clamp_mtime=self.clamp_mtime, report=_Progress(self))
+        return packing.pack_image_layer(cache, layer, clamp_mtime=self.clamp_mtime, report=_Progress(self))
 
 
 class PackContainerLayer(_LayerTask, StorageTask):
@@ -104,10 +91,11 @@ class PackContainerLayer(_LayerTask, StorageTask):
 
     def pausing(self) -> AbstractContextManager[object]:
         container = self.open_storage().read_container(self.container_id)
-        return commits.pause_while_packing(container, Path(self.cache_dir) / "freezer", enabled=self.pause)
+        markers = CacheLayout(Path(self.cache_dir)).freezer_markers
+        return packing.pause_while_packing(container, markers, enabled=self.pause)
 
     def pack(self, cache: LayerCache) -> LayerRecord:
-        return commits.pack_container_layer(
+        return packing.pack_container_layer(
             cache,
             Path(self.layer_dir),
             clamp_mtime=self.clamp_mtime,
@@ -153,21 +141,21 @@ class _CommitTask(StorageTask):
         # Everything the config, manifest and repositories are made from names their directory: the state, the
         # options, the reference. Not the host (one cache may serve several) and not the archive's path.
         params = sorted((k, v) for k, v in self.common().items() if k not in ("host", "output_path", "pause"))
-        return os.path.join(self.cache_dir, "commits", _key(*params))
+        return str(CacheLayout(Path(self.cache_dir)).commit_dir(*params))
 
     def options(self) -> CommitOptions:
         return CommitOptions(
             author=self.author,
             message=self.message,
             changes=tuple(self.changes),
-            extra_config=commits.read_config_file(self.config_file),
+            extra_config=plan.read_config_file(self.config_file),
             squash=self.squash,
         )
 
     def layer_tasks(self) -> list[_LayerTask]:
         shared: dict[str, Any] = {"host": self.host, "cache_dir": self.cache_dir, "clamp_mtime": self.clamp_mtime}
-        lower = [commits.LayerSource.from_param(p) for p in self.lower]
-        upper = commits.LayerSource.from_param(self.upper)
+        lower = [plan.LayerSource.from_param(p) for p in self.lower]
+        upper = plan.LayerSource.from_param(self.upper)
         container: dict[str, Any] = {
             "container_id": self.container_id,
             "engine": self.engine,
@@ -175,7 +163,7 @@ class _CommitTask(StorageTask):
             "pause": self.pause,
         }
         if self.squash:
-            key = _key(*(s.key for s in (*lower, upper)))
+            key = key_of(*(s.key for s in (*lower, upper)))
             dirs = tuple(s.layer_dir for s in (*lower, upper))
             # One storage, one namespace of overlay markers: the upper layer's is every layer's.
             squashed = PackSquashedLayer(
@@ -215,7 +203,7 @@ class _CommitTask(StorageTask):
 
     def image_records(self) -> list[LayerRecord]:
         """The layers the image holds: docker commit adds none for a container that changed nothing."""
-        return commits.image_layers(self.layer_records(), squash=self.squash)
+        return packing.image_layers(self.layer_records(), squash=self.squash)
 
     def found_layer_records(self) -> list[LayerRecord] | None:
         """The image's layer records if every layer task has written its own, else None."""
@@ -224,18 +212,18 @@ class _CommitTask(StorageTask):
         except LayerError:  # missing or damaged: the layer task packs it (again)
             return None
 
-    def layer_blobs(self) -> list[CompressedBlob]:
+    def layer_blobs(self) -> list[StoredBlob]:
         """The layers as stored in the image: compressed (once per cache) when --compression asks for it."""
         cache = LayerCache(Path(self.cache_dir))
-        return commits.layer_blobs(cache, self.image_records(), self.compression, self.compression_level)
+        return assembly.layer_blobs(cache, self.image_records(), self.compression, self.compression_level)
 
-    def found_layer_blobs(self) -> list[CompressedBlob] | None:
+    def found_layer_blobs(self) -> list[StoredBlob] | None:
         """The stored layer blobs if every one is already in the cache (nothing is packed or compressed)."""
         records = self.found_layer_records()
         if records is None:
             return None
         cache = LayerCache(Path(self.cache_dir))
-        return commits.find_layer_blobs(cache, records, self.compression, self.compression_level)
+        return assembly.find_layer_blobs(cache, records, self.compression, self.compression_level)
 
     def common(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name, _ in _CommitTask.get_params()}
@@ -282,21 +270,21 @@ class WriteImageConfig(_CommitTask):
         return self.layer_tasks()
 
     def output(self) -> DurableTarget:
-        return DurableTarget(os.path.join(self.commit_dir(), "config.json"))
+        return DurableTarget(str(CacheLayout.commit_file(Path(self.commit_dir()), "config.json")))
 
     def complete(self) -> bool:
         records = self.found_layer_records()
         if records is None:
             return False
-        return commits.read_diff_ids(Path(self.output().path)) == [r.diff_id for r in records]
+        return assembly.read_diff_ids(Path(self.output().path)) == [r.diff_id for r in records]
 
     def run(self) -> None:
         records = self.image_records()
-        if commits.read_diff_ids(Path(self.output().path)) == [r.diff_id for r in records]:
+        if assembly.read_diff_ids(Path(self.output().path)) == [r.diff_id for r in records]:
             # A layer record was lost and packed again to the same diff_id: the config written for this state
             # still describes it; keeping it (and its `created`) keeps the image id, the archive and iid file.
             return
-        data = commits.build_config_bytes(
+        data = assembly.build_config_bytes(
             self.open_storage(), self.container_id, records, self.clamp_mtime, self.options()
         )
         write_bytes_atomic(Path(self.output().path), data)
@@ -309,14 +297,14 @@ class WriteManifest(_DerivedFile):
         return WriteImageConfig(**self.common())
 
     def output(self) -> DurableTarget:
-        return DurableTarget(os.path.join(self.commit_dir(), "manifest.json"))
+        return DurableTarget(str(CacheLayout.commit_file(Path(self.commit_dir()), "manifest.json")))
 
     def build(self, *, final: bool) -> bytes | None:
         config = self.config_bytes()
         blobs = self.layer_blobs() if final else self.found_layer_blobs()
         if config is None or blobs is None:
             return None
-        return commits.build_manifest_bytes(config, blobs, parse_reference(self.image))
+        return assembly.build_manifest_bytes(config, blobs, parse_reference(self.image))
 
 
 class WriteRepositories(_DerivedFile):
@@ -326,18 +314,18 @@ class WriteRepositories(_DerivedFile):
         return WriteImageConfig(**self.common())
 
     def output(self) -> DurableTarget:
-        return DurableTarget(os.path.join(self.commit_dir(), "repositories"))
+        return DurableTarget(str(CacheLayout.commit_file(Path(self.commit_dir()), "repositories")))
 
     def build(self, *, final: bool) -> bytes | None:
         config = self.config_bytes()
-        return None if config is None else commits.build_repositories_bytes(config, parse_reference(self.image))
+        return None if config is None else assembly.build_repositories_bytes(config, parse_reference(self.image))
 
 
 class WriteImageArchive(_CommitTask):
     """The image at output_path, in one of commit.FORMATS; complete only while the archive there holds this
     commit's image (its index.json, or manifest.json for --format docker, is what this run would write)."""
 
-    format: str = luigi.ChoiceParameter(choices=commits.FORMATS, default="both")
+    format: str = luigi.ChoiceParameter(choices=plan.FORMATS, default="both")
 
     def requires(self) -> dict[str, Any]:
         # The layers too: the archive copies their cached blobs, which retention or a person may have removed
@@ -363,7 +351,7 @@ class WriteImageArchive(_CommitTask):
         blobs = self.layer_blobs() if final else self.found_layer_blobs()
         if blobs is None:
             return None
-        return commits.build_archive_identity(self.format, config, blobs, parse_reference(self.image), manifest)
+        return assembly.build_archive_identity(self.format, config, blobs, parse_reference(self.image), manifest)
 
     def complete(self) -> bool:
         if not WriteImageConfig(**self.common()).complete():  # see _DerivedFile.complete
@@ -373,8 +361,8 @@ class WriteImageArchive(_CommitTask):
 
     def run(self) -> None:
         inputs = {name: Path(self.input()[name].path).read_bytes() for name in ("config", "manifest", "repositories")}
-        replaced = commits.read_image_id(Path(self.output_path))
-        commits.write_commit_output(
+        replaced = assembly.read_image_id(Path(self.output_path))
+        assembly.write_commit_output(
             Path(self.output_path),
             self.format,
             LayerCache(Path(self.cache_dir)),
@@ -382,7 +370,7 @@ class WriteImageArchive(_CommitTask):
             inputs["config"],
             {"manifest.json": inputs["manifest"], "repositories": inputs["repositories"]},
             parse_reference(self.image),
-            mtime=commits.archive_mtime(inputs["config"]),
+            mtime=assembly.archive_mtime(inputs["config"]),
         )
         if replaced is not None:
             log.info("%s: replaced image %s with %s", self.output_path, replaced, digest_of(inputs["config"]))
@@ -421,7 +409,7 @@ class CommitImage(HostTask, luigi.WrapperTask):
         description="freeze a running container while its layer is packed (--pause false to opt out)",
     )
     format: str | None = luigi.OptionalChoiceParameter(
-        choices=commits.FORMATS, default=None, description="both (default), docker, oci or oci-dir; [commit] format"
+        choices=plan.FORMATS, default=None, description="both (default), docker, oci or oci-dir; [commit] format"
     )
 
     author: str = luigi.Parameter(default="", description="the image's author (docker commit --author)")
@@ -449,55 +437,52 @@ class CommitImage(HostTask, luigi.WrapperTask):
     def _plan(self) -> list[luigi.Task]:
         settings = commit()
         engine, root = storage().engine, storage().storage_root()
-        # The storage is only ever read: nothing of this run may be written into it (checked before anything else).
-        writes: dict[str, str | Path] = {commits.CACHE_DIR_FLAG: settings.cache_dir}
-        writes |= {"--output": self.output} if self.output else {commits.OUTPUT_DIR_FLAG: settings.output_dir}
-        writes |= {"--iidfile": self.iidfile} if self.iidfile else {}
-        commits.check_outside_storage(root, writes)
-        # Refuse bad options before any layer is packed.
-        commits.check_options(self.change, self.config, self.author, self.message)
-        fmt = self.format or settings.format
-        commits.check_compression(self.compression, self.compression_level, fmt)
-        config_file = os.path.abspath(self.config) if self.config else ""
-        plan = commits.plan_commit(
-            open_storage(engine, Path(root)),
-            self.id,
-            self.image,
-            self.output,
-            Path(settings.output_dir),
-            fmt,
-            config_file,
+        request = plan.CommitRequest(
+            id_text=self.id,
+            image=self.image,
+            output=self.output,
+            output_dir=settings.output_dir,
+            cache_dir=settings.cache_dir,
+            fmt=self.format or settings.format,
+            config_file=self.config,
+            iidfile=self.iidfile,
+            changes=tuple(self.change),
+            author=self.author,
+            message=self.message,
+            compression=self.compression,
+            compression_level=self.compression_level,
         )
+        resolved = plan.plan_request(open_storage(engine, Path(root)), root, request)
         archive = WriteImageArchive(
             host=self.host,
-            format=fmt,
+            format=request.fmt,
             author=self.author,
             message=self.message,
             changes=self.change,
-            config_file=config_file,
+            config_file=resolved.config_file,
             squash=self.squash,
             compression=self.compression,
             compression_level=self.compression_level,
-            **commit_params(plan, engine, root, self.pause),
+            **commit_params(resolved, engine, root, self.pause),
         )
         if self.iidfile:
             return [archive, WriteIidFile(iidfile=os.path.abspath(self.iidfile), **archive.common())]
         return [archive]
 
 
-def commit_params(plan: commits.CommitPlan, engine: str, root: str, pause: bool) -> dict[str, Any]:
-    """The parameters every task of a commit of plan shares (with the settings of this run)."""
+def commit_params(resolved: plan.CommitPlan, engine: str, root: str, pause: bool) -> dict[str, Any]:
+    """The parameters every task of a commit of resolved shares (with the settings of this run)."""
     return {
-        "container_id": plan.container_id,
-        "lower": tuple(s.as_param() for s in plan.state.lower),
-        "upper": plan.state.upper.as_param(),
-        "metadata": plan.state.metadata,
-        "image": str(plan.reference),
-        "output_path": str(plan.output),
+        "container_id": resolved.container_id,
+        "lower": tuple(s.as_param() for s in resolved.state.lower),
+        "upper": resolved.state.upper.as_param(),
+        "metadata": resolved.state.metadata,
+        "image": str(resolved.reference),
+        "output_path": str(resolved.output),
         "engine": engine,
         "storage_root": root,
         "cache_dir": os.path.abspath(commit().cache_dir),
-        "clamp_mtime": commits.source_date_epoch(),
+        "clamp_mtime": plan.source_date_epoch(),
         "pause": pause,
     }
 
@@ -519,7 +504,3 @@ class _Progress:
             if set_percentage is not None and set_message is not None:
                 set_percentage(min(99, done * 100 // max(total, 1)))
                 set_message(f"{done} of about {total} bytes packed")
-
-
-def _key(*parts: object) -> str:
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]

@@ -1,22 +1,22 @@
-"""PushImage: commit a container and push it to an OCI distribution registry; done when the registry holds the tag.
+"""PushImage: commit a container and push it to an OCI distribution registry; done when this cache's push record
+gives the tag this commit's manifest digest.
 
 Spec: https://github.com/opencontainers/distribution-spec/blob/main/spec.md. Graph:
-    PackImageLayer*, PackContainerLayer ─> WriteImageConfig ─> PushImage (target: the tag's digest in the registry)
+    PackImageLayer*, PackContainerLayer ─> WriteImageConfig ─> PushImage (target: the tag's recorded digest)
 """
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import luigi
 
-from pipeline import commit as commits
+from pipeline import plan
 from pipeline.engines import open_storage
 from pipeline.image.reference import Reference
 from pipeline.registry.client import Options, open_registry
-from pipeline.registry.push import Image, PushedBlobs, build_image, parse_push_reference, push_image
+from pipeline.registry.push import Image, PushedBlobs, PushedTags, parse_push_reference, prepare_image, push_image
 from pipeline.store.cache import LayerCache
 from pipeline.store.compression import ALGORITHMS
 from pipeline.tasks.image import WriteImageConfig, commit_params
@@ -44,23 +44,22 @@ class registry(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg se
 
 
 class RegistryTag(luigi.Target):
-    """Exists when the registry resolves the tag to the image's manifest digest: the registry's state, not a
-    local marker, so a tag deleted or moved since counts as not pushed."""
+    """Exists when this cache's push record (registry.push.PushedTags) gives the tag the image's manifest digest:
+    a record compared, never the network (luigi's complete() must stay cheap), so a tag pushed for another
+    state of the container since, or for another container, counts as not pushed."""
 
-    def __init__(self, reference: Reference, build: Callable[[], Image | None]) -> None:
+    def __init__(self, reference: Reference, tags: PushedTags, build: Callable[[], Image | None]) -> None:
         self.reference = reference
+        self.tags = tags
         self.build = build  # the image, or None while its commit is not written
 
     def exists(self) -> bool:
         image = self.build()
         if image is None:  # the commit is not written yet, so its digest is unknown
             return False
-        assert self.reference.domain is not None
-        found = open_registry(self.reference.domain, registry().options()).manifest_digest(
-            self.reference.path, self.reference.tag
-        )
+        found = self.tags.digest(self.reference.path, self.reference.tag)
         if found is not None and found != image.digest:
-            log.info("%s points at %s, not at this commit's %s", self.reference, found, image.digest)
+            log.info("%s was pushed as %s, not as this commit's %s", self.reference, found, image.digest)
         return found == image.digest
 
 
@@ -85,14 +84,19 @@ class PushImage(HostTask):
         return {"config": config, "layers": config.layer_tasks()}
 
     def output(self) -> RegistryTag:
-        return RegistryTag(parse_push_reference(self.image), lambda: self.built_image(final=False))
+        reference = parse_push_reference(self.image)
+        assert reference.domain is not None
+        tags = PushedTags.in_cache(Path(self._config_task().cache_dir), reference.domain)
+        return RegistryTag(reference, tags, lambda: self.built_image(final=False))
 
     def run(self) -> None:
         reference = parse_push_reference(self.image)
         image = self.built_image()
         assert reference.domain is not None and image is not None
-        pushed = PushedBlobs.in_cache(Path(os.path.abspath(commit().cache_dir)), reference.domain)
-        push_image(open_registry(reference.domain, registry().options()), reference, image, pushed)
+        cache_dir = Path(self._config_task().cache_dir)
+        host = reference.domain
+        pushed, tags = PushedBlobs.in_cache(cache_dir, host), PushedTags.in_cache(cache_dir, host)
+        push_image(open_registry(host, registry().options()), reference, image, pushed, tags)
 
     def built_image(self, *, final: bool = True) -> Image | None:
         """The image this push sends, or None before its config is written (or, unless final, before every
@@ -106,19 +110,24 @@ class PushImage(HostTask):
         if records is None or (not final and task.found_layer_blobs() is None):
             return None
         cache = LayerCache(Path(task.cache_dir))
-        return build_image(config, records, cache, compression=self.compression, level=self.compression_level)
+        return prepare_image(config, records, cache, compression=self.compression, level=self.compression_level)
 
     _config: WriteImageConfig | None = None
 
     def _config_task(self) -> WriteImageConfig:
         # The container's state is taken once per run (luigi calls requires() and output() more than once).
         if self._config is None:
-            reference = parse_push_reference(self.image)
             engine, root = storage().engine, storage().storage_root()
-            commits.check_outside_storage(root, {commits.CACHE_DIR_FLAG: commit().cache_dir})  # only ever read
-            plan = commits.plan_commit(open_storage(engine, Path(root)), self.id, str(reference), "", Path(), fmt=None)
-            # No archive: output_path stays out of the commit's identity.
-            params = commit_params(plan, engine, root, self.pause) | {"output_path": ""}
+            request = plan.CommitRequest(
+                id_text=self.id,
+                image=str(parse_push_reference(self.image)),
+                output=None,  # no archive: output_path stays out of the commit's identity
+                cache_dir=commit().cache_dir,
+                compression=self.compression,
+                compression_level=self.compression_level,
+            )
+            resolved = plan.plan_request(open_storage(engine, Path(root)), root, request)
+            params = commit_params(resolved, engine, root, self.pause) | {"output_path": ""}
             self._config = WriteImageConfig(
                 host=self.host, compression=self.compression, compression_level=self.compression_level, **params
             )

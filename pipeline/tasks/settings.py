@@ -69,9 +69,10 @@ class DurableTarget(luigi.LocalTarget):
             yield str(temp)
 
 
-class batch(luigi.Config):  # noqa: N801 - flags --batch-*; values also read from [snapshot]
-    """The [snapshot] section. The class cannot be named `snapshot`: its --snapshot-* flags would make
-    SnapshotAll's --snapshot an ambiguous abbreviation to luigi's first argument pass."""
+class schedule(luigi.Config):  # noqa: N801 - flags --schedule-*; values read from the [snapshot] section
+    """The [snapshot] section: how often snapshots are taken and how long they are kept. The class cannot be
+    named `snapshot`: its --snapshot-* flags would make SnapshotAll's --snapshot an ambiguous abbreviation to
+    luigi's first argument pass."""
 
     period_minutes: int = luigi.IntParameter(
         default=60,

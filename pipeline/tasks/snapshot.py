@@ -3,7 +3,6 @@
 SnapshotAll ─> SnapshotContainer* ─(only if the container changed)─> WriteImageArchive (tasks/image.py)
 """
 
-import hashlib
 import os
 import time
 from datetime import UTC, datetime
@@ -12,14 +11,15 @@ from typing import Any
 
 import luigi
 
-from pipeline import commit as commits
+from pipeline import plan
 from pipeline.engines import open_storage
 from pipeline.host import failpoint
 from pipeline.host.atomic import write_bytes_atomic
 from pipeline.snapshots import catalog, retention
 from pipeline.snapshots import snapshot as snapshots
+from pipeline.store.layout import CacheLayout, key_of
 from pipeline.tasks.image import WriteImageArchive
-from pipeline.tasks.settings import DurableTarget, HostTask, StorageTask, batch, commit, storage
+from pipeline.tasks.settings import DurableTarget, HostTask, StorageTask, commit, schedule, storage
 
 log = luigi.task.logger
 
@@ -31,7 +31,7 @@ class SnapshotParameter(luigi.DateMinuteParameter):
         value = super().normalize(x)
         if value is None:
             return None
-        period = max(1, batch().period_minutes) * 60
+        period = max(1, schedule().period_minutes) * 60
         seconds = int(value.replace(tzinfo=UTC).timestamp())
         return datetime.fromtimestamp(seconds - seconds % period, UTC).replace(tzinfo=None)
 
@@ -43,7 +43,7 @@ def _settings() -> dict[str, Any]:
         "storage_root": storage().storage_root(),
         "cache_dir": os.path.abspath(commit().cache_dir),
         "output_dir": os.path.abspath(commit().output_dir),
-        "clamp_mtime": commits.source_date_epoch(),
+        "clamp_mtime": plan.source_date_epoch(),
     }
 
 
@@ -54,7 +54,7 @@ class SnapshotContainer(StorageTask):
     container_id: str = luigi.Parameter()
     stamp: str = luigi.Parameter()
     output_dir: str = luigi.Parameter()
-    format: str = luigi.ChoiceParameter(choices=commits.FORMATS, default="both")
+    format: str = luigi.ChoiceParameter(choices=plan.FORMATS, default="both")
     lower: tuple[tuple[str, ...], ...] = luigi.ListParameter(default=())  # commit.LayerSource.as_param()
     upper: tuple[str, ...] = luigi.ListParameter()
     metadata: str = luigi.Parameter()
@@ -81,9 +81,9 @@ class SnapshotContainer(StorageTask):
         else:
             failpoint.reached("snapshot:record")
             container = self.open_storage().read_container(self.container_id)
-            state = commits.ContainerState(
-                tuple(commits.LayerSource.from_param(p) for p in self.lower),
-                commits.LayerSource.from_param(self.upper),
+            state = plan.ContainerState(
+                tuple(plan.LayerSource.from_param(p) for p in self.lower),
+                plan.LayerSource.from_param(self.upper),
                 self.metadata,
             )
             result = _read_commit(self._archive_task())
@@ -141,7 +141,7 @@ class SnapshotAll(HostTask):
     prune_dry_run: bool = luigi.BoolParameter(default=False, description="print what retention would delete")
     pause: bool = luigi.BoolParameter(default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
     format: str | None = luigi.OptionalChoiceParameter(
-        choices=commits.FORMATS, default=None, description="image format; default [commit] format"
+        choices=plan.FORMATS, default=None, description="image format; default [commit] format"
     )
 
     def stamp(self) -> str:
@@ -163,15 +163,15 @@ class SnapshotAll(HostTask):
     def _plan(self) -> list[SnapshotContainer]:
         settings = _settings()
         # The storage is only ever read: no archive, catalog or cache entry may be written into it.
-        commits.check_outside_storage(
+        plan.check_outside_storage(
             settings["storage_root"],
-            {commits.OUTPUT_DIR_FLAG: settings["output_dir"], commits.CACHE_DIR_FLAG: settings["cache_dir"]},
+            {plan.OUTPUT_DIR_FLAG: settings["output_dir"], plan.CACHE_DIR_FLAG: settings["cache_dir"]},
         )
         globs = [g.strip() for g in self.containers.replace(" ", ",").split(",") if g.strip()]
         store = open_storage(settings["engine"], Path(settings["storage_root"]))
         tasks = []
         for container in snapshots.select_containers(store, globs, self.state):
-            state = commits.read_state(store, container)
+            state = plan.read_state(store, container)
             task = SnapshotContainer(
                 host=self.host,
                 container_id=container.container_id,
@@ -194,22 +194,20 @@ class SnapshotAll(HostTask):
         return tasks
 
     def output(self) -> DurableTarget:
-        selection = _key(self.containers, self.state, self.scope)
-        return DurableTarget(
-            os.path.join(_settings()["output_dir"], "catalog", "runs", f"{self.stamp()}-{selection}.json")
-        )
+        selection = key_of(self.containers, self.state, self.scope, length=16)
+        return DurableTarget(str(catalog.run_summary_path(Path(_settings()["output_dir"]), self.stamp(), selection)))
 
     def run(self) -> None:
         settings = _settings()
         output_dir, cache_dir = Path(settings["output_dir"]), Path(settings["cache_dir"])
-        keep = batch().keep if self.keep is None else self.keep
+        keep = schedule().keep if self.keep is None else self.keep
         # Runs that overlap (two periods, two hosts) take turns here, so one's retention never deletes what the
         # other is reading.
         with catalog.locked(output_dir):
             records = catalog.read_targets([Path(t.path) for t in self.input()])
             catalog.write_index(output_dir)
             if keep > 0:
-                grace = batch().gc_grace_minutes * 60
+                grace = schedule().gc_grace_minutes * 60
                 dry_run = self.prune_dry_run
                 plan = retention.run_retention(output_dir, cache_dir, keep, grace_seconds=grace, dry_run=dry_run)
                 if dry_run:
@@ -217,13 +215,9 @@ class SnapshotAll(HostTask):
                 else:
                     catalog.write_index(output_dir)
         seconds = time.time() - _PROCESS_STARTED
-        totals = snapshots.measure_run(records, cache_dir / "blobs" / "sha256", _PROCESS_STARTED)
+        totals = snapshots.measure_run(records, CacheLayout(cache_dir).blob_dir, _PROCESS_STARTED)
         log.info(snapshots.summarize(self.stamp(), records, seconds, totals))
         write_bytes_atomic(Path(self.output().path), snapshots.build_run_summary(self.stamp(), records, seconds))
 
 
 _PROCESS_STARTED = time.time()
-
-
-def _key(*parts: object) -> str:
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]

@@ -1,0 +1,90 @@
+"""The package's shape: imports run one way between its parts, the plain core imports without luigi, and
+`luigi --module pipeline` still finds every task."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.cli import REPO
+
+# Module names from the files (pkgutil.walk_packages would import pipeline.tasks to look inside it).
+_IMPORT_CORE = """
+import importlib, pathlib, sys
+shell = ("pipeline.tasks", "pipeline.cli", "pipeline.__main__")
+files = sorted(pathlib.Path("pipeline").rglob("*.py"))
+names = [".".join(f.with_suffix("").parts).removesuffix(".__init__") for f in files]
+core = [n for n in names if not n.startswith(shell)]
+for name in core:
+    importlib.import_module(name)
+assert "luigi" not in sys.modules, [m for m in sys.modules if m.startswith("luigi")]
+print(len(core))
+"""
+
+
+def test_every_core_module_imports_without_luigi() -> None:
+    result = subprocess.run([sys.executable, "-c", _IMPORT_CORE], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) >= 30  # the walk found the core's modules, not an empty package
+
+
+def test_luigi_module_pipeline_registers_every_entry_point() -> None:
+    code = (
+        "import luigi, importlib; importlib.import_module('pipeline');"
+        " from luigi.task_register import Register;"
+        " print(sorted(n for n in ('CommitImage', 'PushImage', 'SnapshotAll') if Register.get_task_cls(n)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['CommitImage', 'PushImage', 'SnapshotAll']"
+
+
+def test_tasks_load_on_attribute_access_without_luigi_preloaded() -> None:
+    code = "import sys, pipeline; assert 'luigi' not in sys.modules; print(pipeline.CommitImage.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "CommitImage"
+
+
+# Highest first: a part may import itself and any part below it, never one above.
+LAYERS = (
+    ("tasks", "cli", "__main__", "demo"),
+    ("snapshots",),
+    ("plan", "packing", "assembly"),
+    ("registry",),
+    ("image",),
+    ("store",),
+    ("engines",),
+    ("layer",),
+    ("host",),
+    ("jsoncheck", "logformat"),
+    ("errors",),
+)
+
+
+def _part(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def _rank(part: str) -> int:
+    return next(i for i, parts in enumerate(LAYERS) if part in parts)
+
+
+def test_imports_run_one_way_between_the_parts_of_the_package() -> None:
+    package = Path(REPO) / "pipeline"
+    wrong = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "__init__.py" and path.parent == package:
+            continue  # the package itself registers the tasks for luigi
+        part = path.relative_to(package).parts[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+                targets = [node.module] if node.module != "pipeline" else [f"pipeline.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("pipeline.")]
+            else:
+                continue
+            for target in targets:
+                if _rank(_part(target)) < _rank(part):
+                    wrong.append(f"{path.relative_to(REPO)} imports {target}")
+    assert wrong == []
