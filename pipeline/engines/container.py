@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.errors import ContainerNotFound, StorageError
-from pipeline.jsoncheck import boolean, check_config_value, date, fields_of, optional, pid, string
+from pipeline.jsoncheck import boolean, check_config_value, date, fields_of, loads, optional, pid, string
 
 # Engines name containers by hex ids (64 chars) and users type prefixes; names add [A-Za-z0-9_.-] (docker's rule).
 _ID_OR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
@@ -73,6 +73,46 @@ class Storage(Protocol):
     def read_base_config(self, container: Container) -> dict[str, Any] | None:
         """The base image's Docker config JSON, or None when the storage does not record it."""
         ...
+
+
+class MobyLayout:
+    """The directories docker's overlay2 storage and rocker's (its ancestor) share: containers/<id>/ holds each
+    container's metadata, overlay2/<layer>/ each layer; subclasses say which ids name a container."""
+
+    container_id_pattern: re.Pattern[str]
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._containers = root / "containers"
+        self._layers_root = root / "overlay2"
+
+    def list_containers(self) -> list[str]:
+        return list_container_dirs(self._containers, self.container_id_pattern)
+
+
+def read_json_object(path: Path, what: str, remedy: str = "fix or remove it") -> dict[str, Any]:
+    """The JSON object in the storage file at path (what names it in errors), read as Go reads JSON."""
+    return parse_json_object(read_storage_file(path, what), path, what, remedy)
+
+
+def read_storage_file(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise StorageError(f"{path}: missing; {what} is not in this storage (check --storage-root)") from None
+    except OSError as e:
+        raise StorageError(f"{path}: cannot read {what} ({e.strerror})") from e
+
+
+def parse_json_object(data: bytes, path: Path, what: str, remedy: str = "fix or remove it") -> dict[str, Any]:
+    """data (from path) as a JSON object; anything else is one StorageError naming the file and saying remedy."""
+    try:
+        doc = loads(data)
+    except ValueError as e:
+        raise StorageError(f"{path}: {what} has malformed JSON ({e}); {remedy}") from e
+    if not isinstance(doc, dict):
+        raise StorageError(f"{path}: {what} must be a JSON object; {remedy}")
+    return doc
 
 
 def check_id_text(text: str) -> None:

@@ -13,16 +13,19 @@ from typing import Any
 from pipeline.engines.container import (
     Container,
     Layer,
+    MobyLayout,
     check_id_text,
     checked_layer_dir,
-    list_container_dirs,
     overlay_xattrs_of,
+    parse_json_object,
     pick_docker_config,
     pick_image_config,
+    read_json_object,
     read_moby_state,
+    read_storage_file,
 )
 from pipeline.errors import ContainerNotFound, StorageError
-from pipeline.jsoncheck import check_image_config, fields_of, loads, optional, string
+from pipeline.jsoncheck import check_image_config, fields_of, optional, string
 
 _CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
 # layer/filestore.go stringIDRegexp: what a mount-id, init-id or cache-id file may hold.
@@ -32,26 +35,23 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _MAX_DEPTH = 125
 
 
-class DockerStorage:
+class DockerStorage(MobyLayout):
     """Docker's storage under root (default /var/lib/docker), overlay2 driver only; never written to."""
 
     engine = "docker"
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._containers = root / "containers"
-        self._layerdb = root / "image" / "overlay2" / "layerdb"
-        self._layers_root = root / "overlay2"
+    container_id_pattern = _CONTAINER_ID
 
-    def list_containers(self) -> list[str]:
-        return list_container_dirs(self._containers, _CONTAINER_ID)
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self._layerdb = root / "image" / "overlay2" / "layerdb"
 
     def read_container(self, container_id: str) -> Container:
         check_id_text(container_id)
         path = self._containers / container_id / "config.v2.json"
         if not _CONTAINER_ID.fullmatch(container_id) or not path.is_file():
             raise ContainerNotFound(f"{path}: no such container; list them with docker ps --all")
-        doc = _read_json_object(path, f"container {container_id}")
+        doc = read_json_object(path, f"container {container_id}")
         with fields_of(path, "the container's metadata is corrupt"):
             driver = optional(doc, "Driver", "Driver", string, "") or "overlay2"
         if driver != "overlay2":
@@ -83,7 +83,7 @@ class DockerStorage:
 
     def read_base_config(self, container: Container) -> dict[str, Any] | None:
         path = self._containers / container.container_id / "config.v2.json"
-        image_id = _read_json_object(path, f"container {container.container_id}").get("Image")
+        image_id = read_json_object(path, f"container {container.container_id}").get("Image")
         if not image_id:
             return None
         if not isinstance(image_id, str) or not _DIGEST.fullmatch(image_id):
@@ -92,11 +92,11 @@ class DockerStorage:
             )
         hex_id = image_id.removeprefix("sha256:")
         content = self.root / "image" / "overlay2" / "imagedb" / "content" / "sha256" / hex_id
-        data = _read_bytes(content, f"config of image {hex_id}")
+        data = read_storage_file(content, f"config of image {hex_id}")
         # image/fs.go checks the same on every read: an image id is the digest of its config.
         if hashlib.sha256(data).hexdigest() != hex_id:
             raise StorageError(f"{content}: does not hash to its image id; the image store is corrupt (docker pull)")
-        doc = _parse_json_object(data, content, f"config of image {hex_id}")
+        doc = parse_json_object(data, content, f"config of image {hex_id}")
         with fields_of(content, "the image store is corrupt (docker pull)"):
             check_image_config(doc)
         return doc
@@ -164,26 +164,3 @@ def _read_id(path: Path, pattern: re.Pattern[str], *, required: bool) -> str:
     if not pattern.fullmatch(text):
         raise StorageError(f"{path}: holds {text[:80]!r}, not a valid id; the layer store is corrupt")
     return text
-
-
-def _read_bytes(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise StorageError(f"{path}: missing; {what} is not in this storage (check --storage-root)") from None
-    except OSError as e:
-        raise StorageError(f"{path}: cannot read {what} ({e.strerror})") from e
-
-
-def _parse_json_object(data: bytes, path: Path, what: str) -> dict[str, Any]:
-    try:
-        doc = loads(data)
-    except ValueError as e:
-        raise StorageError(f"{path}: {what} has malformed JSON ({e}); fix or remove it") from e
-    if not isinstance(doc, dict):
-        raise StorageError(f"{path}: {what} must be a JSON object; fix or remove it")
-    return doc
-
-
-def _read_json_object(path: Path, what: str) -> dict[str, Any]:
-    return _parse_json_object(_read_bytes(path, what), path, what)

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.engines.boltdb import BoltFile
-from pipeline.engines.container import Container, Layer, check_id_text, checked_layer_dir, overlay_xattrs_of
+from pipeline.engines.container import (
+    Container,
+    Layer,
+    check_id_text,
+    checked_layer_dir,
+    overlay_xattrs_of,
+    parse_json_object,
+    read_storage_file,
+)
 from pipeline.errors import ContainerNotFound, StorageError
 from pipeline.jsoncheck import (
     check_image_config,
@@ -123,7 +131,7 @@ class PodmanStorage:
                 " the store is corrupt (podman pull the image again)"
             )
         path = self._big_data_path(image_id, key)
-        doc = _parse_json_object(data, path, f"config of image {image_id}")
+        doc = _parse_object(data, path, f"config of image {image_id}")
         with fields_of(path, "the store is corrupt (podman pull the image again)"):
             check_image_config(doc)
         return doc
@@ -198,7 +206,7 @@ class PodmanStorage:
         """The big-data key of an image's config: its digest, as the image's manifest names it."""
         if self._big_data_path(image_id, "manifest").exists():
             manifest_data = self._read_big_data(image_id, "manifest")
-            manifest = _parse_json_object(manifest_data, self._big_data_path(image_id, "manifest"), "image manifest")
+            manifest = _parse_object(manifest_data, self._big_data_path(image_id, "manifest"), "image manifest")
             descriptor = manifest.get("config")
             digest = descriptor.get("digest") if isinstance(descriptor, dict) else None
             if isinstance(digest, str) and _DIGEST.fullmatch(digest):
@@ -211,13 +219,7 @@ class PodmanStorage:
         return self.root / "overlay-images" / image_id / name
 
     def _read_big_data(self, image_id: str, key: str) -> bytes:
-        path = self._big_data_path(image_id, key)
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise StorageError(f"{path}: missing {key!r} of image {image_id}; the image store is incomplete") from None
-        except OSError as e:
-            raise StorageError(f"{path}: cannot read {key!r} of image {image_id} ({e.strerror})") from e
+        return read_storage_file(self._big_data_path(image_id, key), f"{key!r} of image {image_id}")
 
     # --- libpod's database ------------------------------------------------------------------------------------
 
@@ -241,8 +243,8 @@ class PodmanStorage:
             return None
         what = f"container {container_id}"
         return (
-            _parse_json_object(found[0], path, f"config of {what}"),
-            _parse_json_object(found[1], path, f"state of {what}"),
+            _parse_object(found[0], path, f"config of {what}"),
+            _parse_object(found[1], path, f"state of {what}"),
         )
 
 
@@ -352,16 +354,6 @@ def _read_records(path: Path, what: str) -> list[dict[str, Any]]:
     return doc
 
 
-def _parse_json_object(data: bytes, path: Path, what: str) -> dict[str, Any]:
-    try:
-        doc = loads(data)
-    except ValueError as e:
-        raise StorageError(f"{path}: {what} is malformed JSON ({e}); the store is corrupt") from e
-    if not isinstance(doc, dict):
-        raise StorageError(f"{path}: {what} must be a JSON object; the store is corrupt")
-    return doc
-
-
 def _read_sqlite_container(path: Path, container_id: str) -> tuple[bytes, bytes] | None:
     """Config and state JSON of one container from libpod's SQLite database (libpod/sqlite_state_internal.go)."""
     # Even a read-only connection writes the -shm index of a WAL database, so the query runs on a private copy.
@@ -387,3 +379,7 @@ def _read_sqlite_container(path: Path, container_id: str) -> tuple[bytes, bytes]
     if row is None:
         return None
     return str(row[0]).encode(), str(row[1] or "{}").encode()
+
+
+def _parse_object(data: bytes, path: Path, what: str) -> dict[str, Any]:
+    return parse_json_object(data, path, what, "the store is corrupt")

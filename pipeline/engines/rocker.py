@@ -11,10 +11,11 @@ from typing import Any
 from pipeline.engines.container import (
     Container,
     Layer,
+    MobyLayout,
     check_id_text,
     checked_layer_dir,
-    list_container_dirs,
     pick_image_config,
+    read_json_object,
     read_moby_state,
 )
 from pipeline.errors import StorageError
@@ -22,7 +23,6 @@ from pipeline.jsoncheck import (
     FieldError,
     check_image_config,
     fields_of,
-    loads,
     optional,
     string,
 )
@@ -30,23 +30,17 @@ from pipeline.jsoncheck import (
 _LAYER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
 
 
-class RockerStorage:
+class RockerStorage(MobyLayout):
     """rocker's storage under root (default /var/lib/rocker); never written to."""
 
     engine = "rocker"
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._layers_root = root / "overlay2"
-        self._containers = root / "containers"
-
-    def list_containers(self) -> list[str]:
-        return list_container_dirs(self._containers, _LAYER_ID)
+    container_id_pattern = _LAYER_ID
 
     def read_container(self, container_id: str) -> Container:
         check_id_text(container_id)
         path = self._containers / container_id / "config.json"
-        doc = _read_json_object(path, f"container {container_id}")
+        doc = read_json_object(path, f"container {container_id}")
         state = doc.get("State") or {}
         config = doc.get("Config") or {}
         if not isinstance(state, dict) or not isinstance(config, dict):
@@ -82,7 +76,7 @@ class RockerStorage:
             if not _LAYER_ID.fullmatch(image_id):
                 continue
             record = store / "repositories" / image_id
-            repo = _read_json_object(record, f"image {image_id}")
+            repo = read_json_object(record, f"image {image_id}")
             layers = _layer_digests(repo, record)
             named = container.image and (
                 repo.get("ID") == container.image
@@ -100,7 +94,7 @@ class RockerStorage:
         if not _LAYER_ID.fullmatch(hex_id):
             raise StorageError(f"{record}: image id {image_id[:80]!r} is not a valid id; the store is corrupt")
         path = store / "imagedb" / "content" / "sha256" / hex_id
-        doc = _read_json_object(path, f"image {hex_id} (named by {record})")
+        doc = read_json_object(path, f"image {hex_id} (named by {record})")
         with fields_of(path, "the image config is corrupt; fix or remove the image"):
             check_image_config(doc)
         return doc
@@ -143,15 +137,3 @@ def _layer_digests(repo: dict[str, Any], path: Path) -> list[str]:
                 raise FieldError(f"image_layer_info.Layers[{index}]", "an object", entry)
             digests.append(string(entry.get("Digest"), f"image_layer_info.Layers[{index}].Digest"))
         return digests
-
-
-def _read_json_object(path: Path, what: str) -> dict[str, Any]:
-    try:
-        doc = loads(path.read_bytes())
-    except FileNotFoundError:
-        raise StorageError(f"{path}: missing; {what} is not in this storage (check --storage-root)") from None
-    except (OSError, ValueError) as e:
-        raise StorageError(f"{path}: {what} has unreadable or malformed JSON ({e}); fix or remove it") from e
-    if not isinstance(doc, dict):
-        raise StorageError(f"{path}: {what} must be a JSON object; fix or remove it")
-    return doc
