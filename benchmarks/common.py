@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the generated rocker storage, the seed's commit, timed runs in alternating
-order, the peak RSS and I/O of what ran, and the tables they print.
+"""What the benchmark scripts share: the generated rocker storage, the seed's commit, SnapshotAll runs and what they
+wrote, timed runs in alternating order, the peak RSS and I/O of what ran, and the tables they print.
 
 The scripts run as `python benchmarks/<name>.py`, which puts this directory first on sys.path: `import common`
 finds this module with no path set-up.
@@ -14,9 +14,11 @@ import hashlib
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import stat
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -24,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -379,6 +382,181 @@ def skopeo_check(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# SnapshotAll runs, what they wrote, and luigi's summary of them
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SnapshotPlace:
+    """Where SnapshotAll reads and writes, and the flags every run of one benchmark passes."""
+
+    luigi: Path
+    root: Path  # the storage root
+    out: Path  # --commit-output-dir
+    cache: Path  # --commit-cache-dir
+    workers: int
+    image_format: str  # SnapshotAll --format
+    extra: tuple[str, ...] = ()  # more flags, e.g. ("--schedule-full-every", "48")
+
+    @property
+    def store(self) -> Path:
+        """The snapshot store (--format store): one OCI layout under the output dir."""
+        return self.out / "store"
+
+    def blob_dirs(self) -> list[Path]:
+        """Where layer and archive bytes land: the store's blobs, standalone archives, the cache's blobs."""
+        return [self.store / "blobs", self.out / "snapshots", self.cache / "blobs"]
+
+    def argv(self, stamp: str) -> list[str]:
+        return [
+            str(self.luigi),
+            "--module",
+            "pipeline",
+            "SnapshotAll",
+            "--snapshot",
+            stamp,
+            "--storage-root",
+            str(self.root),
+            "--commit-output-dir",
+            str(self.out),
+            "--commit-cache-dir",
+            str(self.cache),
+            "--workers",
+            str(self.workers),
+            "--format",
+            self.image_format,
+            *self.extra,
+            "--local-scheduler",
+        ]
+
+
+STAMP_FORMAT = "%Y-%m-%dT%H%M"  # SnapshotAll's --snapshot
+
+
+def hourly_stamps(start: str, count: int) -> list[str]:
+    """count SnapshotAll stamps (YYYY-MM-DDTHHMM, UTC) one hour apart from start: one period each at the default
+    [snapshot] period_minutes."""
+    first = datetime.strptime(start, STAMP_FORMAT)
+    return [(first + timedelta(hours=i)).strftime(STAMP_FORMAT) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class LuigiSummary:
+    """What luigi's closing "Execution Summary" says (tasks that ran, tasks found complete), and the families of
+    the tasks that ran, counted from the workers' "running   Family(...)" lines (the summary lists five at most)."""
+
+    ran: int
+    complete: int
+    ran_by_family: dict[str, int]
+
+    def describe(self) -> str:
+        families = ", ".join(f"{n} {family}" for family, n in sorted(self.ran_by_family.items()))
+        return f"{self.ran} ran ({families}), {self.complete} already complete"
+
+
+_SUMMARY_HEAD = "===== Luigi Execution Summary ====="
+_SUMMARY_GROUP = re.compile(r"^\* (\d+) (ran successfully|complete ones were encountered)", re.MULTILINE)
+_RUNNING = re.compile(r"\) running   ([A-Za-z_][A-Za-z0-9_]*)\(")
+
+
+def read_luigi_summary(log: Path) -> LuigiSummary:
+    """The last execution summary in a luigi log of one run (BenchmarkError if there is none)."""
+    text = log.read_text(errors="replace")
+    end = text.rfind(_SUMMARY_HEAD)
+    start = text.rfind(_SUMMARY_HEAD, 0, end)
+    if start < 0:
+        raise BenchmarkError(f"{log}: no luigi execution summary")
+    counts = {m.group(2): int(m.group(1)) for m in _SUMMARY_GROUP.finditer(text, start, end)}
+    families: dict[str, int] = {}
+    for m in _RUNNING.finditer(text):
+        families[m.group(1)] = families.get(m.group(1), 0) + 1
+    return LuigiSummary(counts.get("ran successfully", 0), counts.get("complete ones were encountered", 0), families)
+
+
+def run_snapshot_all(place: SnapshotPlace, stamp: str, log: Path) -> tuple[Sample, Usage, LuigiSummary]:
+    """One SnapshotAll, timed after a sync (common.measure): its sample, peak RSS and luigi's summary."""
+    usage = Usage()
+    sample, _ = measure(lambda: run_child(place.argv(stamp), usage, cwd=REPO_ROOT, log=log))
+    return sample, usage, read_luigi_summary(log)
+
+
+def read_catalog_record(out: Path, container_id: str, stamp: str) -> dict[str, object]:
+    """SnapshotAll's catalog record of one container's snapshot (BenchmarkError when missing or unreadable)."""
+    path = out / "catalog" / "records" / container_id / f"{stamp}.json"
+    try:
+        record: dict[str, object] = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise BenchmarkError(f"{stamp}: no readable catalog record {path} ({e})") from e
+    return record
+
+
+def record_layer_sizes(record: dict[str, object]) -> list[int]:
+    """A catalog record's layer sizes, oldest first (BenchmarkError when it has none)."""
+    sizes = record.get("layer_sizes")
+    if not isinstance(sizes, list) or not all(isinstance(n, int) for n in sizes):
+        raise BenchmarkError(f"catalog record of {record.get('reference')}: no layer_sizes list")
+    return sizes
+
+
+FileState = tuple[int, int, int, int]  # inode, size, mtime_ns, ctime_ns
+
+
+def read_files(dirs: Sequence[Path]) -> dict[str, FileState]:
+    """Every regular file under dirs with what changes when it is written."""
+    files: dict[str, FileState] = {}
+    for directory in dirs:
+        for dirpath, _, filenames in os.walk(directory):
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode):
+                    files[path] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return files
+
+
+@dataclass(frozen=True)
+class Writes:
+    """Files created or rewritten between two read_files() calls, and their bytes."""
+
+    files: list[tuple[str, int]]
+    removed: int
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+
+def find_writes(before: dict[str, FileState], after: dict[str, FileState]) -> Writes:
+    """New or rewritten files; a new hardlink to data already counted (a store blob linked from the cache, an
+    oci-dir's cached layers) adds no bytes."""
+    changed: list[tuple[str, int]] = []
+    seen_inodes = {state[0] for state in before.values()}
+    for path, state in sorted(after.items()):
+        if before.get(path) == state:
+            continue
+        changed.append((path, 0 if state[0] in seen_inodes else state[1]))
+        seen_inodes.add(state[0])
+    return Writes(changed, sum(1 for path in before if path not in after))
+
+
+def disk_usage(paths: Sequence[Path]) -> int:
+    """Bytes of disk the trees under paths take, as `du -s --block-size=1 PATH...` counts them: allocated blocks of
+    every file and directory, an inode linked several times (a store blob hardlinked from the cache) once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for top in paths:
+        if not top.exists():
+            continue
+        for dirpath, dirnames, filenames in os.walk(top):
+            for name in [".", *dirnames, *filenames] if dirpath == str(top) else [*dirnames, *filenames]:
+                st = os.lstat(os.path.join(dirpath, name))
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------------------
 
@@ -479,3 +657,29 @@ def print_table(columns: Sequence[tuple[str, int]], rows: Iterable[Sequence[str]
     print("-" * len(header))
     for row in rows:
         print(line(row))
+
+
+def median(values: Iterable[float]) -> float:
+    """The median (0.0 of nothing)."""
+    items = list(values)
+    return statistics.median(items) if items else 0.0
+
+
+def spread(values: Iterable[float]) -> str:
+    """min-max of the samples, for the report's variance column ("-" with fewer than two)."""
+    items = list(values)
+    return f"{min(items):.2f}-{max(items):.2f}" if len(items) > 1 else "-"
+
+
+def format_bytes(n: float) -> str:
+    """0, kB below 1 MB, MB below 10 GB, else GB (decimal units)."""
+    if n == 0:
+        return "0"
+    if abs(n) < MB:
+        return f"{n / 1000:.1f} kB"
+    return f"{n / MB:.1f} MB" if abs(n) < 10_000 * MB else f"{n / (1000 * MB):.2f} GB"
+
+
+def verdict(ok: bool) -> str:
+    """How a target reads in a report."""
+    return "met" if ok else "MISSED"

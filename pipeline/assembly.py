@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -91,6 +91,7 @@ def write_commit_output(
     reference: Reference,
     *,
     mtime: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Write the image in one of FORMATS: a docker-archive, an OCI archive, both in one tar (as `docker save`
     does since Engine 25), or an OCI layout directory whose layer blobs are hardlinks into the cache.
@@ -121,7 +122,8 @@ def write_commit_output(
     check_free_space(dest, needed)
     with atomic_path(dest) as temp:
         try:
-            write_image_archive(temp, members, mtime=mtime)
+            report = None if progress is None else (lambda done: progress(done, needed))
+            write_image_archive(temp, members, mtime=mtime, progress=report)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise no_space_error(dest, e, needed) from e

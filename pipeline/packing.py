@@ -4,7 +4,7 @@
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.engines.container import Container, Layer
@@ -12,7 +12,10 @@ from pipeline.errors import SourceChanged
 from pipeline.host import failpoint, freezer
 from pipeline.host.atomic import write_bytes_atomic
 from pipeline.image.imageconfig import EMPTY_LAYER_DIFF_ID
-from pipeline.layer.writer import LayerRecord, encode_record, scan_layer
+from pipeline.layer.delta import build_lower_lookup
+from pipeline.layer.index import IndexUnavailable
+from pipeline.layer.writer import LayerRecord, encode_record, read_record, scan_layer
+from pipeline.plan import ContainerState, upper_key
 from pipeline.store.cache import LayerCache
 
 log = logging.getLogger(__name__)
@@ -87,10 +90,12 @@ def pack_scanned_layer(
     clamp_mtime: int | None,
     report: Callable[[int, int], None],
     overlay_xattrs: str = "trusted",
+    since: "Since | None" = None,
 ) -> LayerRecord:
     """Scan layer_dir (fingerprint and size), then pack it, reporting (bytes done, bytes expected) as it goes.
 
-    The fingerprint is taken before packing, so a layer changed meanwhile never looks unchanged later.
+    The fingerprint is taken before packing, so a layer changed meanwhile never looks unchanged later. since:
+    record the entry index of the state packed, and pack only what changed since an earlier one (Since).
     """
     scan = scan_layer(layer_dir)
     record = cache.pack_layer(
@@ -98,8 +103,21 @@ def pack_scanned_layer(
         clamp_mtime=clamp_mtime,
         progress=lambda done: report(done, scan.file_bytes),
         overlay_xattrs=overlay_xattrs,
+        index_path=None if since is None else since.index_for(scan.fingerprint),
+        previous_index=None if since is None else since.previous_index,
+        lower_has=None if since is None else since.lower_has,
     )
     return replace(record, fingerprint=scan.fingerprint)
+
+
+@dataclass(frozen=True)
+class Since:
+    """Where a container layer's entry index goes (by the fingerprint of the state packed), and what the layer is
+    a delta on: previous_index, the index of the state an earlier snapshot packed (None: the layer whole)."""
+
+    index_for: Callable[[str], Path]
+    previous_index: Path | None = None
+    lower_has: Callable[[bytes], bool] | None = None
 
 
 def pack_container_layer(
@@ -109,13 +127,14 @@ def pack_container_layer(
     clamp_mtime: int | None,
     report: Callable[[int, int], None],
     overlay_xattrs: str = "trusted",
+    since: Since | None = None,
 ) -> LayerRecord:
     """The container's upper dir packed, its fingerprint taken before packing and again after, so the record
     describes one state of the container: an entry added, removed or rewritten meanwhile (even one packing had
     already passed) makes the layer be packed once more, and a second change is an error."""
     for attempt in (1, 2):
         record = pack_scanned_layer(
-            cache, layer_dir, clamp_mtime=clamp_mtime, report=report, overlay_xattrs=overlay_xattrs
+            cache, layer_dir, clamp_mtime=clamp_mtime, report=report, overlay_xattrs=overlay_xattrs, since=since
         )
         if scan_layer(layer_dir).fingerprint == record.fingerprint:
             return record
@@ -125,3 +144,51 @@ def pack_container_layer(
         f"{layer_dir}: the container's layer changed while it was packed (twice); pause the container"
         " (--pause true) or stop writes to it, then re-run"
     )
+
+
+def pack_upper_layer(
+    cache: LayerCache,
+    container_id: str,
+    state: ContainerState,
+    *,
+    since: str | None,
+    clamp_mtime: int | None,
+    pausing: Callable[[], AbstractContextManager[object]],
+    report: Callable[[int, int], None],
+) -> LayerRecord:
+    """The container's upper dir of state packed into cache once, with the entry index a later delta starts
+    from; its record. Whole when since is None (the record PackContainerLayer writes), else only what changed
+    since the state of fingerprint `since`, whose index an earlier snapshot recorded, as one delta layer
+    (layer.delta); that raises LayerError (DeltaNotExpressible, an index missing or damaged) when no delta can be
+    made: pack the layer whole then."""
+    upper = state.upper
+    layout = cache.layout
+    indexing = Since(lambda fingerprint: layout.entry_index(upper_key(container_id, fingerprint)))
+    key = upper.key
+    if since is not None:
+        previous = layout.entry_index(upper_key(container_id, since))
+        if not previous.is_file():
+            raise IndexUnavailable(f"{previous}: the entry index of the previous snapshot is gone")
+        lower_has = build_lower_lookup([Path(s.layer_dir) for s in state.lower], upper.overlay_xattrs)
+        indexing = replace(indexing, previous_index=previous, lower_has=lower_has)
+        key = f"delta:{since}:{upper.key}"
+    record_path = layout.layer_record(key, clamp_mtime)
+
+    def pack(into: LayerCache) -> LayerRecord:
+        return pack_container_layer(
+            into,
+            Path(upper.layer_dir),
+            clamp_mtime=clamp_mtime,
+            report=report,
+            overlay_xattrs=upper.overlay_xattrs,
+            since=indexing,
+        )
+
+    pack_into_cache(cache, record_path, pack, pausing=pausing, step="pack:PackContainerLayer")
+    record = read_record(record_path)
+    if not layout.entry_index(upper_key(container_id, record.fingerprint)).is_file():
+        # Packed by a CommitImage, which records no index: pack once more, with one (the blob is the same).
+        record_path.unlink(missing_ok=True)
+        pack_into_cache(cache, record_path, pack, pausing=pausing, step="pack:PackContainerLayer")
+        record = read_record(record_path)
+    return record

@@ -60,12 +60,24 @@ class ContainerState:
     metadata: str
 
 
-def read_state(storage: Storage, container: Container, config_file: str = "") -> ContainerState:
-    """The container's state at this moment (metadata walks only; no file content is read)."""
+def read_state(
+    storage: Storage, container: Container, config_file: str = "", image_keys: dict[str, str] | None = None
+) -> ContainerState:
+    """The container's state at this moment (metadata walks only; no file content is read). image_keys, if
+    given, holds the keys of image layers already scanned in this run (real path: key) and gets the new ones: the
+    containers of a fleet share their image layers, which need scanning once per run, not once per container."""
+    known = {} if image_keys is None else image_keys
+
+    def image_layer_key(layer_dir: Path) -> str:
+        real = os.path.realpath(layer_dir)
+        if real not in known:
+            known[real] = f"dir:{real}:{scan_layer(layer_dir).fingerprint}"
+        return known[real]
+
     lower = tuple(
         LayerSource(
             str(layer.layer_dir),
-            layer.diff_id or f"dir:{os.path.realpath(layer.layer_dir)}:{scan_layer(layer.layer_dir).fingerprint}",
+            layer.diff_id or image_layer_key(layer.layer_dir),
             str(layer.tar_split or ""),
             layer.diff_id,
             layer.overlay_xattrs,
@@ -75,7 +87,7 @@ def read_state(storage: Storage, container: Container, config_file: str = "") ->
     upper_dir = container.upper_layer.layer_dir
     upper = LayerSource(
         str(upper_dir),
-        f"upper:{container.container_id}:{scan_layer(upper_dir).fingerprint}",
+        upper_key(container.container_id, scan_layer(upper_dir).fingerprint),
         overlay_xattrs=container.upper_layer.overlay_xattrs,
     )
     layers = ("lower_layers", "upper_layer")  # keyed above, by content
@@ -89,6 +101,11 @@ def read_state(storage: Storage, container: Container, config_file: str = "") ->
     return ContainerState(lower, upper, digest_of(json.dumps(doc, sort_keys=True, default=str).encode()))
 
 
+def upper_key(container_id: str, fingerprint: str) -> str:
+    """The key of a container's upper dir in one state: its id and the fingerprint of its metadata."""
+    return f"upper:{container_id}:{fingerprint}"
+
+
 @dataclass(frozen=True)
 class CommitPlan:
     """What a commit request resolves to: one container in its present state, one image reference, one archive
@@ -99,6 +116,7 @@ class CommitPlan:
     output: Path
     state: ContainerState
     config_file: str = ""  # absolute
+    name: str = ""  # the container's name, for people (task ids, logs)
 
 
 def plan_commit(
@@ -119,7 +137,8 @@ def plan_commit(
     if fmt is not None:
         path = Path(os.path.abspath(Path(output) if output else default_output(output_dir, reference, fmt)))
         check_writable(path, fmt)
-    return CommitPlan(container_id, reference, path, read_state(storage, container, config_file), config_file)
+    state = read_state(storage, container, config_file)
+    return CommitPlan(container_id, reference, path, state, config_file, container.name.lstrip("/"))
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ BIG_FILE = "data/big.bin"  # in the base layer: packing it keeps one worker busy
 BIG_SIZE = 30 << 20
 RUN_TIMEOUT = 120.0
 PACKED = "INFO pipeline.store.cache: packed "  # pipeline/store/cache.py logs this once per layer it packs
-PROGRESS = re.compile(r"(\d+) of about (\d+) bytes packed")  # the status message of tasks/image.py's _Progress
+PROGRESS = re.compile(r"(\S+): ([\d.]+) of ([\d.]+) MiB packed")  # the status message of tasks/image.py's Progress
+MIB = 1 << 20
 LAYER_TASKS = ("PackImageLayer", "PackContainerLayer")
 STATUSES = ("PENDING", "RUNNING", "DONE", "FAILED", "DISABLED")
 PRODUCTION_CFG = REPO / "config" / "production.cfg"
@@ -107,7 +108,7 @@ def two_runs(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> TwoRuns:
     out, cache = work / "out", work / "cache"
     before = tree_fingerprint(fleet.root)
     with run_luigid(work / "luigid") as server:
-        args = ["SnapshotAll", "--snapshot", STAMP, "--storage-root", str(fleet.root)]
+        args = ["SnapshotAll", "--snapshot", STAMP, "--storage-root", str(fleet.root), "--format", "both"]
         args += ["--commit-output-dir", str(out), "--commit-cache-dir", str(cache), "--workers", "2", *server.flags()]
         logs = [work / "run-a.log", work / "run-b.log"]
         # `python -m pipeline run`: luigi's command line, which also exits 0 when the other worker ran some tasks.
@@ -199,15 +200,15 @@ def test_a_packing_layer_shows_bytes_and_percentage_in_luigid(luigid: Luigid, tm
 
     assert sorted(t["status"] for t in while_stopped.values()) == ["DONE", "RUNNING"], while_stopped
     container_layer = next(t for t in while_stopped.values() if t["name"] == "PackContainerLayer")
-    done, total = _progress(container_layer)
-    assert total == _file_bytes(layer_dir)  # "about": the total counts file data, the done count tar bytes
-    assert 8 << 20 <= done
-    for task in while_stopped.values():
-        _progress(task)
-    # luigid keeps a finished task's last message and percentage.
-    assert {k: (t["status"], t["status_message"], t["progress_percentage"]) for k, t in after.items()} == {
-        k: ("DONE", t["status_message"], t["progress_percentage"]) for k, t in while_stopped.items()
-    }
+    name, done, total = _progress(container_layer)
+    assert name == "demo-web"  # the container, not a task type or a hash
+    assert abs(total - _file_bytes(layer_dir) / MIB) <= 0.05  # "about": file data; the done count is tar bytes
+    assert 8.0 <= done
+    # A finished task says so: 100% and "done", never the last percentage it reported while it ran.
+    finished = [t for t in while_stopped.values() if t["status"] == "DONE"]
+    assert [(t["progress_percentage"], t["status_message"].endswith(": done")) for t in finished] == [(100, True)]
+    ended = {(t["status"], t["progress_percentage"], t["status_message"].endswith(": done")) for t in after.values()}
+    assert ended == {("DONE", 100, True)}
 
 
 @pytest.mark.root
@@ -402,14 +403,15 @@ def _layer_tasks(server: Luigid) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _progress(task: dict[str, Any]) -> tuple[int, int]:
-    """(done, total) from a layer task's status message, checked against its progress percentage."""
+def _progress(task: dict[str, Any]) -> tuple[str, float, float]:
+    """(what, MiB done, MiB total) from a running layer task's status message, checked against its percentage."""
     match = PROGRESS.fullmatch(task["status_message"] or "")
     assert match, f"{task['display_name']}: status message {task['status_message']!r}"
-    done, total = int(match[1]), int(match[2])
-    assert 0 < done and 0 < total
-    assert task["progress_percentage"] == min(99, done * 100 // total), task
-    return done, total
+    done, total = float(match[2]), float(match[3])
+    assert 0 < done <= total
+    assert 0 < task["progress_percentage"] <= 99, task
+    assert abs(task["progress_percentage"] - done * 100 / total) <= 2, task  # the MiB shown are rounded
+    return match[1], done, total
 
 
 def _file_bytes(layer_dir: Path) -> int:

@@ -192,7 +192,7 @@ def _registry_config(host: str, repository: str, tag: str) -> dict[str, Any]:
 
 
 def _snapshot(root: Path, work: Path, stamp: str, *extra: str, env: dict[str, str] | None = None) -> Any:
-    args = ["SnapshotAll", "--snapshot", stamp, "--storage-root", str(root)]
+    args = ["SnapshotAll", "--snapshot", stamp, "--storage-root", str(root), "--format", "both"]
     args += ["--commit-output-dir", str(work / "out"), "--commit-cache-dir", str(work / "cache"), *extra]
     return run_luigi(*args, env=env)
 
@@ -221,6 +221,7 @@ def test_overlapping_snapshot_runs_each_record_their_own_snapshot(
 ) -> None:
     root, _ = sample_storage
     command = [sys.executable, "-m", "luigi", "--module", "pipeline", "SnapshotAll", "--storage-root", str(root)]
+    command += ["--format", "both"]
     command += ["--commit-output-dir", str(tmp_path / "out"), "--commit-cache-dir", str(tmp_path / "cache")]
     command += ["--keep", "1", "--local-scheduler"]
     runs = [

@@ -1,8 +1,8 @@
 """Issue 11, class 4: directory trees as deep as the kernel allows are packed, with a bounded number of open fds.
 
 Python 3.11's os.walk recurses (RecursionError near 1,000 levels), path strings stop at PATH_MAX, and a walk that
-keeps one fd per level meets EMFILE: the walks over container content (layer.walk_metadata for fingerprints and
-size estimates, layer._walk for the tar, tarsplit's _LayerFiles) use none of those. The chains are built with
+keeps one fd per level meets EMFILE: the walks over container content (walk.walk_metadata for fingerprints and
+size estimates, walk.walk_entries for the tar, tarsplit's _LayerFiles) use none of those. The chains are built with
 mkdir relative to directory fds, as a path string would hit ENAMETOOLONG.
 """
 
@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.demo import build_sample_storage
 from pipeline.errors import LayerError, SourceChanged
-from pipeline.layer import writer as layer
+from pipeline.layer import walk
 from pipeline.layer.tarsplit import write_layer_from_tarsplit
 from pipeline.layer.writer import MAX_DIR_FDS, scan_layer, write_layer
 from tests.support.cli import commit_args, run_luigi
@@ -229,7 +229,7 @@ def test_path_longer_than_loaders_read_is_refused_naming_it(
     top = tmp_path / "layer"
     top.mkdir()
     make_chain(top, 40, name=b"n" * 255)
-    monkeypatch.setattr(layer, "MAX_TAR_NAME", 8192)  # the real one, 256 KiB, takes ~1,000 such levels
+    monkeypatch.setattr(walk, "MAX_TAR_NAME", 8192)  # the real one, 256 KiB, takes ~1,000 such levels
     with pytest.raises(LayerError, match=r"a path of \d+ bytes, longer than image loaders read") as caught:
         write_layer(top, io.BytesIO())
     assert str(caught.value).startswith(f"{top}/{'n' * 100}")

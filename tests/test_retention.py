@@ -163,6 +163,7 @@ def storage(pristine: tuple[Path, str], tmp_path: Path) -> tuple[Path, str]:
 
 def _snapshot(root: Path, work: Path, stamp: str, *extra: str, env: dict[str, str] | None = None) -> Completed:
     args = ["SnapshotAll", "--snapshot", stamp, "--storage-root", str(root), "--containers", "demo-web"]
+    args += [] if "--format" in extra else ["--format", "both"]
     args += ["--commit-output-dir", str(work / "out"), "--commit-cache-dir", str(work / "cache"), *extra]
     return run_luigi(*args, env=env)
 

@@ -36,6 +36,7 @@ def fleet(tmp_path: Path) -> tuple[Path, list[str]]:
 
 def _snapshot(root: Path, work: Path, stamp: str, *extra: str) -> subprocess.CompletedProcess[str]:
     args = ["SnapshotAll", "--snapshot", stamp, "--storage-root", str(root)]
+    args += [] if "--format" in extra else ["--format", "both"]  # one archive per snapshot (the store: elsewhere)
     args += ["--commit-output-dir", str(work / "out"), "--commit-cache-dir", str(work / "cache"), *extra]
     return run_luigi(*args)
 
@@ -132,7 +133,8 @@ def test_retention_keeps_the_newest_and_everything_they_need(fleet: tuple[Path, 
     env_grace = tmp_path / "grace.cfg"
     env_grace.write_text("[snapshot]\ngc_grace_minutes = 0\n")
     result = run_luigi(
-        "SnapshotAll", "--snapshot", "2026-11-28T0800", "--storage-root", str(root), "--commit-output-dir",
+        "SnapshotAll", "--snapshot", "2026-11-28T0800", "--storage-root", str(root), "--format", "both",
+        "--commit-output-dir",
         str(tmp_path / "out"), "--commit-cache-dir", str(tmp_path / "cache"), *args, "--keep", "1",
         env={"LUIGI_CONFIG_PATH": str(env_grace)},
     )  # fmt: skip

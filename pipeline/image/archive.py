@@ -6,6 +6,7 @@ Layout: Docker Engine 25's `docker save` (blobs/sha256/<hex> referenced from man
 import errno
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +35,11 @@ def archive_size(members: list[Member]) -> int:
     return (len(directories) + len(names)) * 1536 + sum(-(-s // 512) * 512 for s in sizes.values()) + 1024
 
 
-def write_image_archive(dest: Path, members: list[Member], *, mtime: int) -> int:
-    """Write members to dest in the given order, each name once; return the archive's size."""
+def write_image_archive(
+    dest: Path, members: list[Member], *, mtime: int, progress: Callable[[int], None] | None = None
+) -> int:
+    """Write members to dest in the given order, each name once; return the archive's size. progress, if given,
+    is called with the bytes written so far after each member."""
     seen: set[str] = set()
     directories: list[str] = []
     for member in members:
@@ -63,6 +67,8 @@ def write_image_archive(dest: Path, members: list[Member], *, mtime: int) -> int
             else:
                 _write_all(fd, member.data)
             _write_all(fd, tarheader.padding(size))
+            if progress is not None:
+                progress(os.lseek(fd, 0, os.SEEK_CUR))
         _write_all(fd, tarheader.END_OF_ARCHIVE)
         return os.lseek(fd, 0, os.SEEK_CUR)
     finally:

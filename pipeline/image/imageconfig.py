@@ -61,6 +61,9 @@ class CommitOptions:
     changes: tuple[str, ...] = ()
     extra_config: dict[str, Any] = field(default_factory=dict)  # image-config "config" keys from --config FILE
     squash: bool = False
+    # The history of the image this one extends by one layer (an incremental snapshot's previous snapshot), in
+    # place of the base image's; None for a commit on the base image.
+    previous_history: tuple[dict[str, Any], ...] | None = None
 
 
 def build_image_config(
@@ -99,8 +102,11 @@ def build_image_config(
     if container.full_config is not None:
         config = _docker_json_shape(config)
     created_text = format_created(created)
-    empty_layer = not options.squash and len(diff_ids) == len(container.lower_layers)
-    history = _build_history(container, base, created_text)
+    if options.previous_history is None:
+        history = _build_history(container, base, created_text)
+    else:
+        history = [dict(h) for h in options.previous_history]
+    empty_layer = not options.squash and len(diff_ids) == sum(1 for h in history if not h.get("empty_layer"))
     history.append(_commit_history_entry(container, container_config, created_text, empty_layer=empty_layer))
     if options.squash:
         by = history[-1].get("created_by")

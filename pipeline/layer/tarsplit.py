@@ -22,7 +22,8 @@ from typing import BinaryIO
 from fastcrc import crc64
 
 from pipeline.errors import LayerError
-from pipeline.layer.writer import MAX_DIR_FDS, HashingSink, LayerRecord
+from pipeline.layer.walk import MAX_DIR_FDS
+from pipeline.layer.writer import HashingSink, LayerRecord
 
 # entry.go: a File entry's content is read from layer_dir; a Segment carries raw tar bytes (headers, padding, end).
 _FILE = 1

@@ -44,8 +44,12 @@ class SnapshotRecord:
     status: str  # "new" | "reused"
     reused_from: str = ""
     # Digest of what else the snapshot was made of: the image layers' keys and the container's metadata
-    # (commit.ContainerState); "" in records from before it was kept, which are then never reused.
+    # (plan.ContainerState); "" in records from before it was kept, which are then never reused.
     source: str = ""
+    # "store": the snapshot is reference in the snapshot store at archive (store.SnapshotStore); "" for a
+    # standalone archive. deltas: how many delta layers the image has on its last full container layer.
+    format: str = ""
+    deltas: int = 0
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -70,7 +74,7 @@ def _check_record(doc: Any) -> None:
     field is left to the constructor's TypeError."""
     if not isinstance(doc, dict):
         raise jsoncheck.FieldError("the record", "a JSON object", doc)
-    for key in (*_RECORD_STRINGS, "reused_from", "source"):
+    for key in (*_RECORD_STRINGS, "reused_from", "source", "format"):
         if key in doc:
             jsoncheck.string(doc[key], key)
     if doc.get("status") not in ("new", "reused"):
@@ -81,6 +85,7 @@ def _check_record(doc: Any) -> None:
     for index, size in enumerate(sizes):
         jsoncheck.whole_number(size, f"layer_sizes[{index}]", 0)
     jsoncheck.whole_number(doc.get("archive_size"), "archive_size", 0)
+    jsoncheck.whole_number(doc.get("deltas", 0), "deltas", 0)
     duration = doc.get("duration")
     if isinstance(duration, bool) or not isinstance(duration, (int, float)):
         raise jsoncheck.FieldError("duration", "a number of seconds", duration)
@@ -88,6 +93,11 @@ def _check_record(doc: Any) -> None:
 
 def catalog_dir(output_dir: Path) -> Path:
     return output_dir / "catalog"
+
+
+def store_dir(output_dir: Path) -> Path:
+    """The snapshot store (one OCI layout shared by every snapshot of the store format)."""
+    return output_dir / "store"
 
 
 def snapshots_dir(output_dir: Path) -> Path:
@@ -158,6 +168,46 @@ def reuse_record(previous: SnapshotRecord, stamp: str, duration: float) -> Snaps
         status="reused",
         reused_from=previous.reused_from or previous.stamp,
     )
+
+
+def failure_path(output_dir: Path, stamp: str, container_id: str) -> Path:
+    """A container whose snapshot of stamp failed: its name and the one-line error (removed when it succeeds)."""
+    return catalog_dir(output_dir) / "failed" / stamp / container_id
+
+
+def record_failure(output_dir: Path, stamp: str, container_id: str, name: str, error: str) -> None:
+    write_bytes_atomic(
+        failure_path(output_dir, stamp, container_id), json.dumps({"name": name, "error": error}).encode()
+    )
+
+
+def clear_failure(output_dir: Path, stamp: str, container_id: str) -> None:
+    failure_path(output_dir, stamp, container_id).unlink(missing_ok=True)
+
+
+def read_failures(output_dir: Path, stamp: str) -> list[tuple[str, str]]:
+    """(container id, name) of each container whose snapshot of stamp failed and has not succeeded since."""
+    found = []
+    for path in sorted((catalog_dir(output_dir) / "failed" / stamp).glob("*")):
+        try:
+            name = jsoncheck.loads(path.read_bytes()).get("name", "")
+        except (OSError, ValueError, AttributeError):
+            name = ""
+        found.append((path.name, name if isinstance(name, str) else ""))
+    return found
+
+
+def with_duration(record: SnapshotRecord, seconds: float) -> SnapshotRecord:
+    return replace(record, duration=round(seconds, 3))
+
+
+def read_records_of_stamp(output_dir: Path, stamp: str) -> list[SnapshotRecord]:
+    return [r for r in read_records(output_dir) if r.stamp == stamp]
+
+
+def count_records_of_stamp(output_dir: Path, stamp: str) -> int:
+    """How many containers have a record of this snapshot time (files counted, none read)."""
+    return len(list((catalog_dir(output_dir) / "records").glob(f"*/{stamp}.json")))
 
 
 @contextmanager

@@ -28,8 +28,10 @@ from pipeline.snapshots.catalog import (
     read_records,
     record_path,
     snapshots_dir,
+    store_dir,
 )
 from pipeline.snapshots.snapshot import STAMP_FORMAT
+from pipeline.snapshots.store import SnapshotStore
 from pipeline.store.cache import LayerCache
 from pipeline.store.layout import CacheLayout
 
@@ -51,6 +53,9 @@ class RetentionPlan:
     freed_bytes: int
     markers: tuple[Path, ...] = ()  # catalog.pruned_path of each pruned snapshot, written before it goes
     cache_in_use: bool = False  # another process used the cache: no blob or cache entry is in paths
+    store: SnapshotStore | None = None  # the snapshot store, when any snapshot is in one
+    store_refs: tuple[str, ...] = ()  # the pruned snapshots' references there, dropped before their records
+    store_blobs: tuple[Path, ...] = ()  # the store's blobs no kept reference needs then (collected after)
 
 
 def plan_retention(
@@ -70,9 +75,16 @@ def plan_retention(
         pruned += group[:-keep] if keep > 0 else []
     cutoff = time.time() - grace_seconds
     needed_archives = {_real(r.archive) for r in kept}
+    # A store snapshot's archive is the shared store: its reference goes, the store stays (SnapshotStore).
+    in_store = [r for r in pruned if r.format == "store"]
+    store = SnapshotStore(store_dir(output_dir)) if any(r.format == "store" for r in records) else None
+    store_refs = tuple(r.reference for r in in_store)
+    store_blobs = tuple(store.garbage_without(store_refs)) if store is not None and collect_cache else ()
 
     doomed: list[Path] = [record_path(output_dir, r.container_id, r.stamp) for r in pruned]
-    doomed += sorted({Path(r.archive) for r in pruned if _real(r.archive) not in needed_archives})
+    doomed += sorted(
+        {Path(r.archive) for r in pruned if r.format != "store" and _real(r.archive) not in needed_archives}
+    )
     named = {_real(r.archive) for r in records}
     doomed += _orphan_archives(output_dir, named, cutoff)
     newest = {cid: group[-1].stamp for cid, group in by_container.items() if group}
@@ -85,7 +97,10 @@ def plan_retention(
     if collect_cache:
         doomed += _cache_garbage(cache_dir, kept, cutoff)
     existing = [p for p in dict.fromkeys(doomed) if os.path.lexists(p)]
-    return RetentionPlan(tuple(kept), tuple(pruned), tuple(existing), _freed(existing), markers, not collect_cache)
+    freed = _freed([*existing, *store_blobs])
+    return RetentionPlan(
+        tuple(kept), tuple(pruned), tuple(existing), freed, markers, not collect_cache, store, store_refs, store_blobs
+    )
 
 
 def run_retention(
@@ -241,6 +256,10 @@ def apply_retention(plan: RetentionPlan) -> None:
     for marker in plan.markers:
         make_dirs(marker.parent)
         marker.touch()
+    if plan.store is not None and plan.store_refs:
+        # References before records: a kill between leaves records of snapshots no longer in the store (pruned
+        # again next time, and never chained on), never a reference no record will ever prune.
+        plan.store.remove_references(plan.store_refs)
     failed = 0
     for path in plan.paths:
         try:
@@ -248,6 +267,8 @@ def apply_retention(plan: RetentionPlan) -> None:
         except OSError as e:
             failed += 1
             log.warning("retention: cannot delete %s (%s); a later run tries again", path, e.strerror or e)
+    if plan.store is not None and not plan.cache_in_use:
+        plan.store.collect_garbage()
     log.info(
         "retention: removed %d path(s), %d bytes; kept %d snapshot(s)%s",
         len(plan.paths) - failed,
@@ -281,5 +302,6 @@ def describe(plan: RetentionPlan) -> str:
     lines = [
         f"retention would keep {len(plan.kept)} snapshot(s), prune {len(plan.pruned)}, free {plan.freed_bytes} bytes:"
     ]
-    lines += [f"  delete {p}" for p in plan.paths]
+    lines += [f"  drop {ref} from the store {plan.store}" for ref in plan.store_refs]
+    lines += [f"  delete {p}" for p in (*plan.paths, *plan.store_blobs)]
     return "\n".join(lines)

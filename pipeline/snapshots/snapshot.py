@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pipeline.engines.container import Container, Storage
+from pipeline.errors import PipelineError
 from pipeline.host.process import is_alive
 from pipeline.image.imageconfig import digest_of
 from pipeline.image.reference import build_reference_from_name
@@ -21,11 +22,26 @@ def format_stamp(when: datetime) -> str:
     return when.strftime(STAMP_FORMAT)
 
 
-def select_containers(storage: Storage, globs: list[str], state: str) -> list[Container]:
-    """Containers whose name, id or short id matches any glob (all when none given), in the given state."""
-    selected = []
+@dataclass(frozen=True)
+class Unreadable:
+    """A container the storage lists but whose metadata cannot be read: its snapshot fails on its own, naming it."""
+
+    container_id: str
+    error: str
+
+
+def select_containers(storage: Storage, globs: list[str], state: str) -> list[Container | Unreadable]:
+    """Containers whose name, id or short id matches any glob (all when none given), in the given state; one whose
+    metadata cannot be read is listed as Unreadable (when its id matches, or no glob is given) rather than
+    stopping the others."""
+    selected: list[Container | Unreadable] = []
     for container_id in storage.list_containers():
-        container = storage.read_container(container_id)
+        try:
+            container = storage.read_container(container_id)
+        except PipelineError as e:
+            if not globs or any(fnmatch.fnmatchcase(n, g) for n in (container_id, container_id[:12]) for g in globs):
+                selected.append(Unreadable(container_id, str(e)))
+            continue
         names = (container.name.lstrip("/"), container.container_id, container.short_id)
         if globs and not any(fnmatch.fnmatchcase(n, g) for n in names for g in globs):
             continue

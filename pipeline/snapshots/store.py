@@ -220,9 +220,14 @@ class SnapshotStore:
         data, path = self._read_blob(entry.digest, entry.size, MAX_MANIFEST_SIZE, "manifest")
         return _parse_manifest(data, path)
 
+    def read_manifest_bytes(self, entry: StoreEntry) -> bytes:
+        """The bytes of the image manifest entry names (read_manifest checks them first)."""
+        self.read_manifest(entry)
+        return self._read_blob(entry.digest, entry.size, MAX_MANIFEST_SIZE, "manifest")[0]
+
     def read_config(self, entry: StoreEntry) -> dict[str, Any]:
         """The image config entry's manifest names, checked as an image's consumers check it."""
-        return self._read_image(entry)[1]
+        return self.read_image(entry)[1]
 
     # --- garbage collection ------------------------------------------------------------------------------------
 
@@ -254,9 +259,17 @@ class SnapshotStore:
         log.info("%s: collected %d unreferenced blob(s) and temporary file(s)", self.root, len(doomed))
         return doomed
 
-    def _find_garbage(self) -> list[Path]:
-        """Blobs no index entry needs; the caller holds the index lock."""
-        needed = self._needed_blobs(self._read_index()[1])
+    def garbage_without(self, refs: Iterable[str]) -> list[Path]:
+        """The blobs collect_garbage would delete once refs are removed (for a dry run; nothing is changed)."""
+        if not self.blob_dir.is_dir():
+            return []
+        dropped = set(refs)
+        with self._index_lock():
+            return self._find_garbage([d for d in self._read_index()[1] if _reference_of(d) not in dropped])
+
+    def _find_garbage(self, descriptors: list[dict[str, Any]] | None = None) -> list[Path]:
+        """Blobs no index entry (of descriptors, default all) needs; the caller holds the index lock."""
+        needed = self._needed_blobs(self._read_index()[1] if descriptors is None else descriptors)
         return sorted(
             self.blob_dir / name
             for name in os.listdir(self.blob_dir)
@@ -302,7 +315,7 @@ class SnapshotStore:
         if found is None:
             raise StorageError(self._describe_missing(reference, descriptors))
         entry = _entry_of(found)
-        config, doc, layers = self._read_image(entry)
+        config, doc, layers = self.read_image(entry)
         unloadable = [b for b in layers if b.algorithm not in DOCKER_ARCHIVE_ALGORITHMS]
         if fmt != "oci" and unloadable:
             raise OutputError(
@@ -320,7 +333,7 @@ class SnapshotStore:
         log.info("%s: exported %s (%s)", dest, entry.reference, fmt)
         return entry
 
-    def _read_image(self, entry: StoreEntry) -> tuple[bytes, dict[str, Any], list[StoredBlob]]:
+    def read_image(self, entry: StoreEntry) -> tuple[bytes, dict[str, Any], list[StoredBlob]]:
         """entry's config bytes, the config parsed, and its layers as stored blobs, oldest first."""
         manifest = self.read_manifest(entry)
         descriptor = manifest["config"]

@@ -14,7 +14,16 @@ from typing import BinaryIO, TypeVar
 
 from pipeline.errors import PipelineError, SourceChanged
 from pipeline.host import failpoint
-from pipeline.host.atomic import fsync_dir, make_dirs, no_space_error, partial_path, remove_abandoned_partials
+from pipeline.host.atomic import (
+    atomic_path,
+    fsync_dir,
+    make_dirs,
+    no_space_error,
+    partial_path,
+    remove_abandoned_partials,
+)
+from pipeline.layer.delta import write_delta
+from pipeline.layer.index import IndexWriter
 from pipeline.layer.tarsplit import TarSplitMismatch, write_layer_from_tarsplit
 from pipeline.layer.writer import LayerRecord, read_record, walk_metadata, write_layer
 from pipeline.store.layout import CacheLayout
@@ -158,14 +167,32 @@ class LayerCache:
         clamp_mtime: int | None = None,
         progress: Callable[[int], None] | None = None,
         overlay_xattrs: str | None = "trusted",
+        index_path: Path | None = None,
+        previous_index: Path | None = None,
+        lower_has: Callable[[bytes], bool] | None = None,
     ) -> LayerRecord:
         """Pack layer_dir into the cache and return its record; a file changing meanwhile gets one retry.
-        overlay_xattrs says where the layer's overlay markers live (layer.write_layer)."""
+        overlay_xattrs says where the layer's overlay markers live (layer.write_layer). index_path: where the entry
+        index of the state packed goes (a CacheLayout.entry_index), for the next delta. previous_index: pack only
+        what changed since that index was recorded (layer.delta.write_delta, which asks lower_has)."""
 
         def write(out: BinaryIO) -> LayerRecord:
-            return write_layer(
-                layer_dir, out, clamp_mtime=clamp_mtime, progress=progress, overlay_xattrs=overlay_xattrs
-            )
+            with _index_file(index_path) as index:
+                if previous_index is None:
+                    return write_layer(
+                        layer_dir, out, clamp_mtime=clamp_mtime, progress=progress, overlay_xattrs=overlay_xattrs,
+                        index=index,
+                    )  # fmt: skip
+                return write_delta(
+                    layer_dir,
+                    previous_index,
+                    out,
+                    lower_has=lower_has or (lambda path: True),
+                    index=index,
+                    clamp_mtime=clamp_mtime,
+                    overlay_xattrs=overlay_xattrs,
+                    progress=progress,
+                )
 
         try:
             return self._store(layer_dir, write)
@@ -238,6 +265,16 @@ class LayerCache:
         fsync_dir(blob_dir)
         failpoint.reached(f"{step}:after-rename")
         return result
+
+
+@contextmanager
+def _index_file(path: Path | None) -> Iterator[IndexWriter | None]:
+    """An IndexWriter into a temporary sibling of path, renamed into place once the walk wrote it whole."""
+    if path is None:
+        yield None
+        return
+    with atomic_path(path) as temp, open(temp, "wb") as f:
+        yield IndexWriter(f)
 
 
 def blob_intact(path: Path, digest: str, size: int, recorded_ns: int | None, redo: str) -> bool:

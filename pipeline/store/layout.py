@@ -3,6 +3,8 @@
     <cache_dir>/
       blobs/sha256/<hex>                   layer tars and their gzip/zstd forms, named by digest
       layers/<key>.json                    a layer's record (diff_id, size, fingerprint), named by its source key
+      indexes/<key>.idx                    the entry index of an upper dir packed in one state (pipeline.layer.index),
+                                           named by that state's source key: what its next delta is taken against
       compressed/<diff hex>-<alg>-<level>.json   which blob holds a layer tar compressed so
       commits/<key>/                       one commit's config.json, manifest.json, repositories
       locks/<name>.lock                    per-entry flocks between processes packing or compressing
@@ -58,6 +60,17 @@ class CacheLayout:
 
     def layer_records(self) -> list[Path]:
         return sorted(self.layer_dir.glob("*.json"))
+
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "indexes"
+
+    def entry_index(self, source_key: str) -> Path:
+        """The entry index recorded when the upper dir in the state source_key was packed (whole or as a delta)."""
+        return self.index_dir / f"{key_of(source_key)}.idx"
+
+    def entry_indexes(self) -> list[Path]:
+        return sorted(self.index_dir.glob("*.idx"))
 
     @property
     def compressed_dir(self) -> Path:

@@ -8,6 +8,7 @@ Graph for one commit (every output written atomically):
 import logging
 import os
 import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,15 @@ from pipeline.store import squash
 from pipeline.store.cache import LayerCache
 from pipeline.store.compression import ALGORITHMS, StoredBlob
 from pipeline.store.layout import CacheLayout, key_of
-from pipeline.tasks.settings import DurableTarget, HostTask, RepeatableParameter, StorageTask, commit, storage
+from pipeline.tasks.settings import (
+    HIDDEN,
+    DurableTarget,
+    HostTask,
+    RepeatableParameter,
+    StorageTask,
+    commit,
+    storage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +47,15 @@ class _LayerTask(HostTask):
     """Packs one layer_dir into the cache; its target is the layer's record (diff_id, size), named by the
     layer's source key (commit.LayerSource), so a record is only ever found for the content it was made from."""
 
-    layer_dir: str = luigi.Parameter()
-    source_key: str = luigi.Parameter()
-    cache_dir: str = luigi.Parameter()
-    clamp_mtime: int | None = luigi.OptionalIntParameter(default=None)
+    layer_dir: str = luigi.Parameter(visibility=HIDDEN)
+    source_key: str = luigi.Parameter(visibility=HIDDEN)
+    cache_dir: str = luigi.Parameter(visibility=HIDDEN)
+    clamp_mtime: int | None = luigi.OptionalIntParameter(default=None, visibility=HIDDEN)
     # Where the layer's overlay markers live (container.Layer). Not in the task id: it is a property of the storage
     # the layer_dir belongs to, so it tells no two tasks apart, and rootful storage keeps the ids it had.
-    overlay_xattrs: str = luigi.ChoiceParameter(choices=whiteout.OVERLAY_XATTRS, default="trusted", significant=False)
+    overlay_xattrs: str = luigi.ChoiceParameter(
+        choices=whiteout.OVERLAY_XATTRS, default="trusted", significant=False, visibility=HIDDEN
+    )
 
     def output(self) -> DurableTarget:
         return DurableTarget(str(CacheLayout(Path(self.cache_dir)).layer_record(self.source_key, self.clamp_mtime)))
@@ -55,6 +66,7 @@ class _LayerTask(HostTask):
     def run(self) -> None:
         cache, record = LayerCache(Path(self.cache_dir)), Path(self.output().path)
         packing.pack_into_cache(cache, record, self.pack, pausing=self.pausing, step=f"pack:{self.task_family}")
+        Progress(self).finish()
         failpoint.reached("task:layer-done")
 
     def pausing(self) -> AbstractContextManager[object]:
@@ -69,8 +81,12 @@ class PackImageLayer(_LayerTask):
     """An immutable image layer, packed once per cache and reused by every commit that shares it; reassembled
     byte for byte from the engine's tar-split records when it kept them."""
 
-    tar_split: str = luigi.Parameter(default="")
-    original_diff_id: str = luigi.Parameter(default="")
+    tar_split: str = luigi.Parameter(default="", visibility=HIDDEN)
+    original_diff_id: str = luigi.Parameter(default="", visibility=HIDDEN)
+
+    def label(self) -> str:
+        # The diff_id the engine recorded, else the layer's directory: what `docker image inspect` would show.
+        return self.original_diff_id.removeprefix("sha256:")[:12] or Path(self.layer_dir).parent.name[:12]
 
     def pack(self, cache: LayerCache) -> LayerRecord:
         layer = Layer(
@@ -80,7 +96,7 @@ class PackImageLayer(_LayerTask):
             diff_id=self.original_diff_id,
             overlay_xattrs=self.overlay_xattrs,
         )
-        return packing.pack_image_layer(cache, layer, clamp_mtime=self.clamp_mtime, report=_Progress(self))
+        return packing.pack_image_layer(cache, layer, clamp_mtime=self.clamp_mtime, report=Progress(self))
 
 
 class PackContainerLayer(_LayerTask, StorageTask):
@@ -88,6 +104,10 @@ class PackContainerLayer(_LayerTask, StorageTask):
     while packed if it is running."""
 
     container_id: str = luigi.Parameter()
+    container_name: str = luigi.Parameter(default="", significant=False, description="the container's name")
+
+    def label(self) -> str:
+        return self.container_name or self.container_id[:12]
 
     def pausing(self) -> AbstractContextManager[object]:
         container = self.open_storage().read_container(self.container_id)
@@ -99,7 +119,7 @@ class PackContainerLayer(_LayerTask, StorageTask):
             cache,
             Path(self.layer_dir),
             clamp_mtime=self.clamp_mtime,
-            report=_Progress(self),
+            report=Progress(self),
             overlay_xattrs=self.overlay_xattrs,
         )
 
@@ -108,7 +128,7 @@ class PackSquashedLayer(PackContainerLayer):
     """--squash: every layer of the container merged into one (by the kernel); its source key is made of every
     layer's."""
 
-    layer_dirs: tuple[str, ...] = luigi.ListParameter()
+    layer_dirs: tuple[str, ...] = luigi.ListParameter(visibility=HIDDEN)
 
     def pack(self, cache: LayerCache) -> LayerRecord:
         return squash.pack_squashed(
@@ -124,23 +144,29 @@ class _CommitTask(StorageTask):
     source keys and its metadata digest) and the options, so every target below is named by what it is made of."""
 
     container_id: str = luigi.Parameter()
-    lower: tuple[tuple[str, ...], ...] = luigi.ListParameter(default=())  # commit.LayerSource.as_param()
-    upper: tuple[str, ...] = luigi.ListParameter()
-    metadata: str = luigi.Parameter()
+    container_name: str = luigi.Parameter(default="", significant=False, description="the container's name")
+    lower: tuple[tuple[str, ...], ...] = luigi.ListParameter(default=(), visibility=HIDDEN)  # LayerSource.as_param
+    upper: tuple[str, ...] = luigi.ListParameter(visibility=HIDDEN)
+    metadata: str = luigi.Parameter(visibility=HIDDEN)
     image: str = luigi.Parameter()
     output_path: str = luigi.Parameter()
     author: str = luigi.Parameter(default="")
     message: str = luigi.Parameter(default="")
     changes: tuple[str, ...] = luigi.ListParameter(default=())
-    config_file: str = luigi.Parameter(default="")
+    config_file: str = luigi.Parameter(default="", visibility=HIDDEN)
     squash: bool = luigi.BoolParameter(default=False)
     compression: str = luigi.ChoiceParameter(choices=ALGORITHMS, default="none")
     compression_level: int | None = luigi.OptionalIntParameter(default=None)
 
+    def label(self) -> str:
+        return self.container_name or self.container_id[:12]
+
     def commit_dir(self) -> str:
         # Everything the config, manifest and repositories are made from names their directory: the state, the
         # options, the reference. Not the host (one cache may serve several) and not the archive's path.
-        params = sorted((k, v) for k, v in self.common().items() if k not in ("host", "output_path", "pause"))
+        params = sorted(
+            (k, v) for k, v in self.common().items() if k not in ("host", "output_path", "pause", "container_name")
+        )
         return str(CacheLayout(Path(self.cache_dir)).commit_dir(*params))
 
     def options(self) -> CommitOptions:
@@ -158,6 +184,7 @@ class _CommitTask(StorageTask):
         upper = plan.LayerSource.from_param(self.upper)
         container: dict[str, Any] = {
             "container_id": self.container_id,
+            "container_name": self.container_name,
             "engine": self.engine,
             "storage_root": self.storage_root,
             "pause": self.pause,
@@ -175,17 +202,7 @@ class _CommitTask(StorageTask):
                 **shared,
             )
             return [squashed]
-        tasks: list[_LayerTask] = [
-            PackImageLayer(
-                layer_dir=s.layer_dir,
-                source_key=s.key,
-                tar_split=s.tar_split,
-                original_diff_id=s.diff_id,
-                overlay_xattrs=s.overlay_xattrs,
-                **shared,
-            )
-            for s in lower
-        ]
+        tasks: list[_LayerTask] = list(image_layer_tasks(lower, self.host, self.cache_dir, self.clamp_mtime))
         tasks.append(
             PackContainerLayer(
                 layer_dir=upper.layer_dir,
@@ -371,7 +388,9 @@ class WriteImageArchive(_CommitTask):
             {"manifest.json": inputs["manifest"], "repositories": inputs["repositories"]},
             parse_reference(self.image),
             mtime=assembly.archive_mtime(inputs["config"]),
+            progress=Progress(self, "written"),
         )
+        Progress(self).finish()
         if replaced is not None:
             log.info("%s: replaced image %s with %s", self.output_path, replaced, digest_of(inputs["config"]))
 
@@ -397,6 +416,10 @@ class CommitImage(HostTask, luigi.WrapperTask):
 
     id: str = luigi.Parameter(description="container id, unique id prefix, or name")
     image: str = luigi.Parameter(default="", description="NAME[:TAG] for RepoTags; default: the container's name")
+
+    def label(self) -> str:
+        return self.id
+
     # The flag must be --output, so this parameter shadows Task.output(); a WrapperTask never calls that, and
     # other tasks require WriteImageArchive, never CommitImage.
     output: str = luigi.Parameter(  # type: ignore[assignment]
@@ -470,10 +493,30 @@ class CommitImage(HostTask, luigi.WrapperTask):
         return [archive]
 
 
+def image_layer_tasks(
+    lower: Sequence[plan.LayerSource], host: str, cache_dir: str, clamp_mtime: int | None
+) -> list[PackImageLayer]:
+    """One task per image layer: packed once per cache, whichever commit or snapshot needs it first."""
+    return [
+        PackImageLayer(
+            host=host,
+            cache_dir=cache_dir,
+            clamp_mtime=clamp_mtime,
+            layer_dir=s.layer_dir,
+            source_key=s.key,
+            tar_split=s.tar_split,
+            original_diff_id=s.diff_id,
+            overlay_xattrs=s.overlay_xattrs,
+        )
+        for s in lower
+    ]
+
+
 def commit_params(resolved: plan.CommitPlan, engine: str, root: str, pause: bool) -> dict[str, Any]:
     """The parameters every task of a commit of resolved shares (with the settings of this run)."""
     return {
         "container_id": resolved.container_id,
+        "container_name": resolved.name,
         "lower": tuple(s.as_param() for s in resolved.state.lower),
         "upper": resolved.state.upper.as_param(),
         "metadata": resolved.state.metadata,
@@ -487,20 +530,32 @@ def commit_params(resolved: plan.CommitPlan, engine: str, root: str, pause: bool
     }
 
 
-class _Progress:
-    """Reports a layer's packing to luigid's web UI: a percentage and "bytes done of total", at most once a second."""
+class Progress:
+    """Reports work to luigid's web UI: a percentage and "<what>: N of M MiB <verb>", at most once a second, and
+    100% when done (a finished task must not keep showing 99%)."""
 
-    def __init__(self, task: luigi.Task) -> None:
+    def __init__(self, task: luigi.Task, verb: str = "packed") -> None:
         self._task = task
+        self._verb = verb
         self._last = 0.0
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
         if now - self._last >= 1.0:
             self._last = now
-            # The worker installs these callbacks before run(); outside a worker they are None.
-            set_percentage = self._task.set_progress_percentage
-            set_message = self._task.set_status_message
-            if set_percentage is not None and set_message is not None:
-                set_percentage(min(99, done * 100 // max(total, 1)))
-                set_message(f"{done} of about {total} bytes packed")
+            self._report(min(99, done * 100 // max(total, 1)), f"{done / MIB:.1f} of {max(total, done) / MIB:.1f} MiB")
+
+    def finish(self, summary: str = "done") -> None:
+        self._report(100, summary)
+
+    def _report(self, percent: int, text: str) -> None:
+        # The worker installs these callbacks before run(); outside a worker they are None.
+        set_percentage = self._task.set_progress_percentage
+        set_message = self._task.set_status_message
+        if set_percentage is not None and set_message is not None:
+            set_percentage(percent)
+            what = self._task.label() if isinstance(self._task, HostTask) else self._task.task_family
+            set_message(f"{what}: {text} {self._verb}" if percent < 100 else f"{what}: {text}")
+
+
+MIB = 1 << 20

@@ -68,6 +68,10 @@ class PushImage(HostTask):
 
     id: str = luigi.Parameter(description="container id, unique id prefix, or name")
     image: str = luigi.Parameter(description="HOST[:PORT]/REPO[:TAG] to push to (the registry host is required)")
+
+    def label(self) -> str:
+        return f"{self.id}_{self.image}"
+
     compression: str = luigi.ChoiceParameter(
         choices=ALGORITHMS, default="gzip", description="layer compression for the registry: gzip, zstd or none"
     )

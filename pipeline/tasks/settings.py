@@ -1,6 +1,10 @@
 """luigi.cfg sections ([storage], [commit], [snapshot]) and the durable file target every task writes."""
 
+import hashlib
+import json
+import logging
 import os
+import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -8,10 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import luigi
+from luigi.parameter import ParameterVisibility
 
 from pipeline.engines import default_root, open_storage
 from pipeline.engines.container import Storage
+from pipeline.errors import PipelineError
 from pipeline.host.atomic import atomic_path
+from pipeline.plan import FORMATS
+from pipeline.snapshots.incremental import DEFAULT_FULL_EVERY
+
+SNAPSHOT_FORMATS = ("store", *FORMATS)
+
+log = logging.getLogger(__name__)
 
 
 class storage(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg section [storage]
@@ -38,23 +50,55 @@ class commit(luigi.Config):  # noqa: N801 - the class name is the luigi.cfg sect
     )
 
 
-class HostTask(luigi.Task):
-    """A task whose inputs and outputs are this host's files. The host is part of the task id, so one luigid
-    serving many hosts never takes one host's finished task for another's (their paths may well be equal)."""
+HIDDEN = ParameterVisibility.HIDDEN
 
-    host: str = luigi.Parameter(default=socket.gethostname(), description="the host whose files this task uses")
+
+class HostTask(luigi.Task):
+    """A task whose inputs and outputs are this host's files. Each host runs its own luigid (README, "Scheduling");
+    the host is still part of the task id, so a luigid that did see two hosts' tasks (their paths may well be
+    equal) would never take one host's finished task for another's.
+
+    Ids lead with what a person looks for (label(): the container's name, the snapshot's stamp) and hash every
+    significant parameter, hidden ones too: luigi's own ids hash only the public ones and lead with the first
+    three alphabetically (a cache path, a 64-hex key), and hidden parameters are what keeps luigid's task list
+    readable. A failure reaches luigid (and its web UI) as the one-line error, not a traceback."""
+
+    host: str = luigi.Parameter(
+        default=socket.gethostname(), visibility=HIDDEN, description="the host whose files this task uses"
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        params = self.to_str_params(only_significant=True)
+        digest = hashlib.sha256(json.dumps(params, separators=(",", ":"), sort_keys=True).encode()).hexdigest()
+        label = re.sub(r"[^A-Za-z0-9_]", "_", self.label())[:48].strip("_")
+        family = self.get_task_family()
+        self.task_id = f"{family}_{label}_{digest[:10]}" if label else f"{family}_{digest[:10]}"
+        self._Task__hash = hash(self.task_id)  # what luigi.Task.__hash__ returns, set from the old id
+
+    def label(self) -> str:
+        """What this task is about, for its id and luigid's lists."""
+        return ""
+
+    def on_failure(self, exception: BaseException) -> str:
+        log.debug("%s failed", self.task_id, exc_info=exception)
+        if isinstance(exception, PipelineError):
+            return f"ERROR: {exception}"
+        return super().on_failure(exception)  # type: ignore[no-any-return]
 
 
 class StorageTask(HostTask):
     """Parameters of every task that reads a container storage; all absolute, so task ids do not depend on the
     cwd."""
 
-    engine: str = luigi.Parameter()
-    storage_root: str = luigi.Parameter()
-    cache_dir: str = luigi.Parameter()
-    clamp_mtime: int | None = luigi.OptionalIntParameter(default=None)
+    engine: str = luigi.Parameter(visibility=HIDDEN)
+    storage_root: str = luigi.Parameter(visibility=HIDDEN)
+    cache_dir: str = luigi.Parameter(visibility=HIDDEN)
+    clamp_mtime: int | None = luigi.OptionalIntParameter(default=None, visibility=HIDDEN)
     # How a layer is read, not what is produced: it leaves task ids (and so targets) unchanged.
-    pause: bool = luigi.BoolParameter(default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    pause: bool = luigi.BoolParameter(
+        default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING, visibility=HIDDEN
+    )
 
     def open_storage(self) -> Storage:
         return open_storage(self.engine, Path(self.storage_root))
@@ -88,6 +132,23 @@ class schedule(luigi.Config):  # noqa: N801 - flags --schedule-*; values read fr
         default=60,
         config_path={"section": "snapshot", "name": "gc_grace_minutes"},
         description="cache entries younger than this are never garbage-collected (commits in flight)",
+    )
+    format: str = luigi.ChoiceParameter(
+        choices=SNAPSHOT_FORMATS,
+        default="store",
+        config_path={"section": "snapshot", "name": "format"},
+        description="store: every snapshot a reference in one shared OCI layout (<output_dir>/store), changed"
+        " containers as a delta layer on their previous snapshot; or a standalone archive per snapshot",
+    )
+    full_every: int = luigi.IntParameter(
+        default=DEFAULT_FULL_EVERY,
+        config_path={"section": "snapshot", "name": "full_every"},
+        description="delta layers on one full container layer before a snapshot packs it whole again",
+    )
+    metrics_file: str = luigi.Parameter(
+        default="",
+        config_path={"section": "snapshot", "name": "metrics_file"},
+        description="Prometheus textfile metrics of each run; default <output_dir>/catalog/pipeline.prom",
     )
 
 

@@ -1,6 +1,11 @@
 """Scheduled batch snapshots: SnapshotAll requires one SnapshotContainer per selected container.
 
-SnapshotAll ─> SnapshotContainer* ─(only if the container changed)─> WriteImageArchive (tasks/image.py)
+    SnapshotAll ─> SnapshotContainer* ─> PackImageLayer* (shared)                       (--format store, default)
+    SnapshotAll ─> SnapshotContainer* ─(only if the container changed)─> WriteImageArchive    (other formats)
+
+With the store, a container's snapshot is one task: its own layer (whole, or a delta on its previous snapshot),
+config and store entry are written by one plain call (snapshots.incremental); only the image layers containers
+share are tasks of their own, so luigi runs each once.
 """
 
 import os
@@ -11,15 +16,32 @@ from typing import Any
 
 import luigi
 
-from pipeline import plan
+from pipeline import packing, plan
 from pipeline.engines import open_storage
+from pipeline.engines.container import Container
+from pipeline.errors import PipelineError, StorageError
 from pipeline.host import failpoint
 from pipeline.host.atomic import write_bytes_atomic
-from pipeline.snapshots import catalog, retention
+from pipeline.image.reference import Reference
+from pipeline.registry.client import open_registry
+from pipeline.registry.push import PushedBlobs, PushedTags, parse_push_reference
+from pipeline.snapshots import catalog, incremental, metrics, retention
 from pipeline.snapshots import snapshot as snapshots
+from pipeline.snapshots.store import SnapshotStore
+from pipeline.store.cache import LayerCache
 from pipeline.store.layout import CacheLayout, key_of
-from pipeline.tasks.image import WriteImageArchive
-from pipeline.tasks.settings import DurableTarget, HostTask, StorageTask, commit, schedule, storage
+from pipeline.tasks.image import Progress, WriteImageArchive, image_layer_tasks
+from pipeline.tasks.push import registry
+from pipeline.tasks.settings import (
+    HIDDEN,
+    SNAPSHOT_FORMATS,
+    DurableTarget,
+    HostTask,
+    StorageTask,
+    commit,
+    schedule,
+    storage,
+)
 
 log = luigi.task.logger
 
@@ -49,21 +71,33 @@ def _settings() -> dict[str, Any]:
 
 class SnapshotContainer(StorageTask):
     """One container's snapshot; its target is the catalog record. Planned by SnapshotAll with the container's
-    state at planning time: either a commit of that state, or (reuse_from) the earlier snapshot it equals."""
+    state at planning time: a snapshot of that state, or (reuse_from) the earlier snapshot it equals, or (problem)
+    the one-line reason the container could not even be planned, which fails this task alone."""
 
     container_id: str = luigi.Parameter()
+    container_name: str = luigi.Parameter(default="", significant=False, description="the container's name")
     stamp: str = luigi.Parameter()
-    output_dir: str = luigi.Parameter()
-    format: str = luigi.ChoiceParameter(choices=plan.FORMATS, default="both")
-    lower: tuple[tuple[str, ...], ...] = luigi.ListParameter(default=())  # commit.LayerSource.as_param()
-    upper: tuple[str, ...] = luigi.ListParameter()
-    metadata: str = luigi.Parameter()
-    reuse_from: str = luigi.Parameter(default="", description="stamp of the unchanged snapshot this one reuses")
+    output_dir: str = luigi.Parameter(visibility=HIDDEN)
+    format: str = luigi.ChoiceParameter(choices=SNAPSHOT_FORMATS, default="store")
+    lower: tuple[tuple[str, ...], ...] = luigi.ListParameter(default=(), visibility=HIDDEN)  # LayerSource.as_param
+    upper: tuple[str, ...] = luigi.ListParameter(default=(), visibility=HIDDEN)
+    metadata: str = luigi.Parameter(default="", visibility=HIDDEN)
+    reuse_from: str = luigi.Parameter(default="", visibility=HIDDEN)
+    problem: str = luigi.Parameter(default="", visibility=HIDDEN)
+    full_every: int = luigi.IntParameter(default=incremental.DEFAULT_FULL_EVERY, visibility=HIDDEN)
+    push: str = luigi.Parameter(default="", description="REGISTRY/PREFIX each new snapshot is pushed under")
     # When the plan was made: the record's duration runs from there (not part of what the snapshot is).
-    planned_at: float = luigi.FloatParameter(default=0.0, significant=False)
+    planned_at: float = luigi.FloatParameter(default=0.0, significant=False, visibility=HIDDEN)
 
-    def requires(self) -> list[WriteImageArchive]:
-        return [] if self.reuse_from else [self._archive_task()]
+    def label(self) -> str:
+        return f"{self.container_name or self.container_id[:12]}_{self.stamp}"
+
+    def requires(self) -> list[luigi.Task]:
+        if self.reuse_from or self.problem:
+            return []
+        if self.format == "store":
+            return list(image_layer_tasks(self._state().lower, self.host, self.cache_dir, self.clamp_mtime))
+        return [self._archive_task()]
 
     def output(self) -> DurableTarget:
         return DurableTarget(str(catalog.record_path(Path(self.output_dir), self.container_id, self.stamp)))
@@ -74,21 +108,87 @@ class SnapshotContainer(StorageTask):
         return self.output().exists() or pruned.exists()
 
     def run(self) -> None:
-        duration = time.time() - (self.planned_at or time.time())
-        if self.reuse_from:
-            previous = catalog.read_record(Path(self.output_dir), self.container_id, self.reuse_from)
-            record = catalog.reuse_record(previous, self.stamp, duration)
+        if self.problem:
+            raise StorageError(self.problem)
+        started = self.planned_at or time.time()
+        output_dir = Path(self.output_dir)
+        if self.format == "store":
+            record = self._snapshot_into_store(output_dir)
+        elif self.reuse_from:
+            previous = catalog.read_record(output_dir, self.container_id, self.reuse_from)
+            record = catalog.reuse_record(previous, self.stamp, 0.0)
         else:
             failpoint.reached("snapshot:record")
             container = self.open_storage().read_container(self.container_id)
-            state = plan.ContainerState(
-                tuple(plan.LayerSource.from_param(p) for p in self.lower),
-                plan.LayerSource.from_param(self.upper),
-                self.metadata,
-            )
             result = _read_commit(self._archive_task())
-            record = snapshots.build_record(container, self.stamp, result, duration, state)
+            record = snapshots.build_record(container, self.stamp, result, 0.0, self._state())
+        record = catalog.with_duration(record, time.time() - started)
         write_bytes_atomic(Path(self.output().path), record.to_json())
+        catalog.clear_failure(output_dir, self.stamp, self.container_id)
+        if catalog.read_failures(output_dir, self.stamp):
+            # SnapshotAll, which rebuilds the catalog once at the end, will not run after a failure.
+            self._rebuild_catalog()
+        done = catalog.count_records_of_stamp(output_dir, self.stamp)
+        Progress(self).finish(f"{record.status}, {done} snapshot(s) of {self.stamp} recorded so far")
+
+    def on_failure(self, exception: BaseException) -> str:
+        # The catalog and the metrics stay whole whatever fails: SnapshotAll, which writes them too, never runs
+        # once a container failed.
+        output_dir = Path(self.output_dir)
+        try:
+            name = self.container_name or self.container_id[:12]
+            catalog.record_failure(output_dir, self.stamp, self.container_id, name, str(exception))
+            self._rebuild_catalog()
+            write_run_metrics(output_dir, self.stamp, catalog.read_records_of_stamp(output_dir, self.stamp), 0)
+        except (OSError, PipelineError) as e:
+            log.warning("%s: cannot record the failure in the catalog (%s)", self.output_dir, e)
+        return super().on_failure(exception)
+
+    def _rebuild_catalog(self) -> None:
+        with catalog.locked(Path(self.output_dir)):
+            catalog.write_index(Path(self.output_dir))
+
+    def _snapshot_into_store(self, output_dir: Path) -> catalog.SnapshotRecord:
+        store = SnapshotStore(catalog.store_dir(output_dir))
+        container = self.open_storage().read_container(self.container_id)
+        request = incremental.SnapshotRequest(
+            container, self._state(), self.stamp, _stamp_time(self.stamp), self.clamp_mtime, self.full_every
+        )
+        cache = LayerCache(Path(self.cache_dir))
+        if self.reuse_from:
+            previous = catalog.read_record(output_dir, self.container_id, self.reuse_from)
+            record = incremental.reuse_snapshot(store, request, previous, 0.0)
+        else:
+            failpoint.reached("snapshot:record")
+            markers = CacheLayout(cache.root).freezer_markers
+            record = incremental.take_snapshot(
+                store,
+                cache,
+                self.open_storage(),
+                request,
+                catalog.previous_record(output_dir, self.container_id, self.stamp),
+                pausing=lambda: packing.pause_while_packing(container, markers, enabled=self.pause),
+                report=Progress(self),
+            )
+        if self.push:
+            target = push_target(self.push, record.reference)
+            assert target.domain is not None
+            incremental.push_snapshot(
+                store,
+                record.reference,
+                open_registry(target.domain, registry().options()),
+                target,
+                pushed=PushedBlobs.in_cache(cache.root, target.domain),
+                tags=PushedTags.in_cache(cache.root, target.domain),
+            )
+        return record
+
+    def _state(self) -> plan.ContainerState:
+        return plan.ContainerState(
+            tuple(plan.LayerSource.from_param(p) for p in self.lower),
+            plan.LayerSource.from_param(self.upper),
+            self.metadata,
+        )
 
     def _archive_task(self) -> WriteImageArchive:
         container = self.open_storage().read_container(self.container_id)
@@ -96,6 +196,7 @@ class SnapshotContainer(StorageTask):
         return WriteImageArchive(
             host=self.host,
             container_id=self.container_id,
+            container_name=self.container_name,
             lower=self.lower,
             upper=self.upper,
             metadata=self.metadata,
@@ -108,6 +209,10 @@ class SnapshotContainer(StorageTask):
             pause=self.pause,
             format=self.format,
         )
+
+
+def _stamp_time(stamp: str) -> datetime:
+    return datetime.strptime(stamp, snapshots.STAMP_FORMAT).replace(tzinfo=UTC)
 
 
 def _read_commit(archive: WriteImageArchive) -> snapshots.CommitResult:
@@ -139,16 +244,28 @@ class SnapshotAll(HostTask):
     state: str = luigi.ChoiceParameter(choices=["all", "running", "stopped"], default="all")
     keep: int | None = luigi.OptionalIntParameter(default=None, description="snapshots kept per container")
     prune_dry_run: bool = luigi.BoolParameter(default=False, description="print what retention would delete")
-    pause: bool = luigi.BoolParameter(default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    pause: bool = luigi.BoolParameter(
+        default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING, visibility=HIDDEN
+    )
+    push: str = luigi.Parameter(
+        default="", description="REGISTRY[:PORT]/PREFIX: push each snapshot as PREFIX/<name>:<stamp> (store format)"
+    )
     format: str | None = luigi.OptionalChoiceParameter(
-        choices=plan.FORMATS, default=None, description="image format; default [commit] format"
+        choices=SNAPSHOT_FORMATS,
+        default=None,
+        description="store (default: [snapshot] format), both, docker, oci, oci-dir",
     )
 
     def stamp(self) -> str:
         return snapshots.format_stamp(self.snapshot)
 
+    def label(self) -> str:
+        return self.stamp()
+
     scope: str = ScopeParameter(
-        default="", description="filled in from [storage] and [commit]: the storage and dirs this run uses"
+        default="",
+        visibility=HIDDEN,
+        description="filled in from [storage] and [commit]: the storage and dirs this run uses",
     )
 
     def requires(self) -> list[SnapshotContainer]:
@@ -169,29 +286,57 @@ class SnapshotAll(HostTask):
         )
         globs = [g.strip() for g in self.containers.replace(" ", ",").split(",") if g.strip()]
         store = open_storage(settings["engine"], Path(settings["storage_root"]))
+        fmt = self.format or schedule().format
+        if self.push:
+            if fmt != "store":
+                raise PipelineError(f"--push {self.push}: pushes snapshots of the store; drop --format {fmt}")
+            push_target(self.push, "x:latest")  # a bad prefix fails now, not once per container
+        shared = {
+            "host": self.host,
+            "stamp": self.stamp(),
+            "pause": self.pause,
+            "format": fmt,
+            "full_every": max(1, schedule().full_every),
+            "push": self.push,
+            **settings,
+        }
         tasks = []
-        for container in snapshots.select_containers(store, globs, self.state):
-            state = plan.read_state(store, container)
-            task = SnapshotContainer(
-                host=self.host,
-                container_id=container.container_id,
-                stamp=self.stamp(),
-                pause=self.pause,
-                format=self.format or commit().format,
-                lower=tuple(s.as_param() for s in state.lower),
-                upper=state.upper.as_param(),
-                metadata=state.metadata,
-                planned_at=time.time(),
-                **settings,
-            )
-            # An archive of this state written for this stamp by a run killed before its record is this
-            # snapshot; otherwise an unchanged container reuses its previous snapshot.
-            if not task.complete() and not task.requires()[0].complete():
-                previous = snapshots.find_unchanged(Path(settings["output_dir"]), container, self.stamp(), state)
-                if previous is not None:
-                    task = task.clone(reuse_from=previous.stamp)
-            tasks.append(task)
+        image_keys: dict[str, str] = {}  # image layers scanned once per run, whichever container shows them first
+        for found in snapshots.select_containers(store, globs, self.state):
+            if isinstance(found, snapshots.Unreadable):
+                tasks.append(SnapshotContainer(container_id=found.container_id, problem=found.error, **shared))
+                continue
+            try:
+                tasks.append(self._plan_container(store, found, shared, image_keys))
+            except PipelineError as e:  # this container's trouble stays this container's
+                tasks.append(
+                    SnapshotContainer(
+                        container_id=found.container_id, container_name=_name(found), problem=str(e), **shared
+                    )
+                )
         return tasks
+
+    def _plan_container(
+        self, store: Any, container: Container, shared: dict[str, Any], image_keys: dict[str, str]
+    ) -> SnapshotContainer:
+        state = plan.read_state(store, container, image_keys=image_keys)
+        task = SnapshotContainer(
+            container_id=container.container_id,
+            container_name=_name(container),
+            lower=tuple(s.as_param() for s in state.lower),
+            upper=state.upper.as_param(),
+            metadata=state.metadata,
+            planned_at=time.time(),
+            **shared,
+        )
+        # A snapshot of this state already written for this stamp by a run killed before its record is this
+        # snapshot; otherwise an unchanged container reuses its previous snapshot.
+        if task.complete() or (task.format != "store" and task.requires()[0].complete()):
+            return task
+        previous = snapshots.find_unchanged(Path(shared["output_dir"]), container, self.stamp(), state)
+        if previous is not None and (previous.format == "store") == (task.format == "store"):
+            task = task.clone(reuse_from=previous.stamp)
+        return task
 
     def output(self) -> DurableTarget:
         selection = key_of(self.containers, self.state, self.scope, length=16)
@@ -209,15 +354,39 @@ class SnapshotAll(HostTask):
             if keep > 0:
                 grace = schedule().gc_grace_minutes * 60
                 dry_run = self.prune_dry_run
-                plan = retention.run_retention(output_dir, cache_dir, keep, grace_seconds=grace, dry_run=dry_run)
+                plan_ = retention.run_retention(output_dir, cache_dir, keep, grace_seconds=grace, dry_run=dry_run)
                 if dry_run:
-                    print(retention.describe(plan))
+                    print(retention.describe(plan_))
                 else:
                     catalog.write_index(output_dir)
         seconds = time.time() - _PROCESS_STARTED
         totals = snapshots.measure_run(records, CacheLayout(cache_dir).blob_dir, _PROCESS_STARTED)
         log.info(snapshots.summarize(self.stamp(), records, seconds, totals))
+        write_run_metrics(output_dir, self.stamp(), records, totals.new_bytes)
         write_bytes_atomic(Path(self.output().path), snapshots.build_run_summary(self.stamp(), records, seconds))
+
+
+def write_run_metrics(output_dir: Path, stamp: str, records: list[catalog.SnapshotRecord], new_bytes: int) -> None:
+    """The Prometheus textfile metrics of this run ([snapshot] metrics_file, default in the catalog)."""
+    path = Path(schedule().metrics_file or catalog.catalog_dir(output_dir) / "pipeline.prom")
+    metrics.write_metrics(
+        path,
+        records,
+        run_stamp=stamp,
+        started=_PROCESS_STARTED,
+        finished=time.time(),
+        failed=catalog.read_failures(output_dir, stamp),
+        bytes_written=new_bytes,
+    )
+
+
+def push_target(prefix: str, reference: str) -> Reference:
+    """Where --push PREFIX sends the snapshot reference (<name>:<stamp>): PREFIX/<name>:<stamp>."""
+    return parse_push_reference(f"{prefix.rstrip('/')}/{reference}")
+
+
+def _name(container: Container) -> str:
+    return container.name.lstrip("/") or container.short_id
 
 
 _PROCESS_STARTED = time.time()

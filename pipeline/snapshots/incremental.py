@@ -1,0 +1,260 @@
+"""A container's snapshot into the snapshot store: its own layer packed whole, or as a delta on its previous
+snapshot (the chain rule below), its config, its store entry and its catalog record.
+
+The chain rule: a changed container's snapshot is its previous snapshot's layers plus one delta layer holding only
+what changed in its upper dir since (pipeline.layer.delta), unless that previous snapshot is not in the store, its
+image layers or metadata changed, its entry index is gone or damaged, the upper dir changed in a way one layer
+cannot express, it already has full_every deltas, or one more layer would pass MAX_LAYERS; then the layer is
+packed whole again and the chain starts over.
+"""
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pipeline import assembly, packing
+from pipeline.engines.container import Container, Storage
+from pipeline.errors import LayerError, StorageError
+from pipeline.image.imageconfig import EMPTY_LAYER_DIFF_ID, CommitOptions, digest_of
+from pipeline.image.reference import Reference
+from pipeline.layer.writer import LayerRecord, read_record
+from pipeline.plan import ContainerState, upper_key
+from pipeline.registry.client import Blob, Registry
+from pipeline.registry.push import Image, PushedBlobs, PushedTags, PushResult, push_image
+from pipeline.snapshots.catalog import SnapshotRecord, reuse_record
+from pipeline.snapshots.snapshot import snapshot_reference, source_digest
+from pipeline.snapshots.store import SnapshotStore, StoreEntry
+from pipeline.store.cache import LayerCache
+from pipeline.store.compression import StoredBlob
+from pipeline.store.layout import CacheLayout
+
+log = logging.getLogger(__name__)
+
+# Docker's layer store refuses an image of more than 125 layers (moby layer/layer_store.go, maxLayerDepth: the
+# 127 some graph drivers allow, less the container's init and writable layers); containerd's overlay snapshotter
+# (about 350-500 lowers, by the mount options' page) and containers-storage's overlay driver (500, the kernel's
+# OVL_MAX_STACK) allow more. 100 leaves room for images built FROM a snapshot.
+MAX_LAYERS = 100
+# Deltas on one full container layer before the next snapshot packs it whole again (measured: see README).
+DEFAULT_FULL_EVERY = 24
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    """One container's snapshot as its run planned it."""
+
+    container: Container
+    state: ContainerState
+    stamp: str
+    created: datetime  # the snapshot's time (UTC), in the store entry
+    clamp_mtime: int | None = None
+    full_every: int = DEFAULT_FULL_EVERY
+
+    @property
+    def reference(self) -> str:
+        return snapshot_reference(self.container, self.stamp)
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """What a delta extends: the previous snapshot, its store entry and image, and the index of its upper dir."""
+
+    previous: SnapshotRecord
+    entry: StoreEntry
+    config: dict[str, object]
+    layers: list[StoredBlob]
+    index: Path
+
+
+def take_snapshot(
+    store: SnapshotStore,
+    cache: LayerCache,
+    storage: Storage,
+    request: SnapshotRequest,
+    previous: SnapshotRecord | None,
+    *,
+    pausing: Callable[[], AbstractContextManager[object]],
+    report: Callable[[int, int], None],
+) -> SnapshotRecord:
+    """Snapshot a changed container into store (its image layers already packed into cache) and return its
+    record: a delta on previous when the chain rule allows, else the container layer packed whole."""
+
+    def _pack(since: str | None) -> LayerRecord:
+        return packing.pack_upper_layer(
+            cache,
+            request.container.container_id,
+            request.state,
+            since=since,
+            clamp_mtime=request.clamp_mtime,
+            pausing=pausing,
+            report=report,
+        )
+
+    chain = _find_chain(store, cache.layout, request, previous)
+    upper: LayerRecord | None = None
+    if chain is not None:
+        try:
+            upper = _pack(chain.previous.fingerprint)
+        except LayerError as e:  # DeltaNotExpressible, or the index turned out damaged
+            log.warning("%s: %s; packing the container's layer whole", request.reference, e)
+            chain = None
+    if chain is None or upper is None:
+        upper = _pack(None)
+        record = _store_full(store, cache, storage, request, upper)
+    else:
+        record = _store_delta(store, cache, storage, request, chain, upper)
+    if previous is not None and previous.fingerprint and previous.fingerprint != record.fingerprint:
+        # The next delta starts from this snapshot's index: the previous one is no longer needed.
+        cache.layout.entry_index(upper_key(request.container.container_id, previous.fingerprint)).unlink(
+            missing_ok=True
+        )
+    return record
+
+
+def reuse_snapshot(
+    store: SnapshotStore, request: SnapshotRequest, previous: SnapshotRecord, duration: float
+) -> SnapshotRecord:
+    """An unchanged container's snapshot: its previous image named again in the store, no byte written."""
+    store.add_reference(
+        previous.reference,
+        request.reference,
+        container_id=request.container.container_id,
+        stamp=request.stamp,
+        created=request.created,
+    )
+    return replace(reuse_record(previous, request.stamp, duration), reference=request.reference)
+
+
+def push_snapshot(
+    store: SnapshotStore,
+    reference: str,
+    registry: Registry,
+    target: Reference,
+    *,
+    pushed: PushedBlobs | None = None,
+    tags: PushedTags | None = None,
+) -> PushResult:
+    """Push the snapshot reference of store to target: the blobs the registry lacks (mounted when another of its
+    repositories has them, so a delta snapshot sends its delta layer and config), then its manifest."""
+    entry = store.find(reference)
+    if entry is None:
+        raise StorageError(f"{store.index_path}: no snapshot {reference} to push; take it again")
+    manifest = store.read_manifest_bytes(entry)
+    config, _, layers = store.read_image(entry)
+    config_type = store.read_manifest(entry)["config"]["mediaType"]
+    image = Image(
+        manifest,
+        Blob(digest_of(config), len(config), config_type, data=config),
+        tuple(Blob(b.digest, b.size, b.media_type, path=store.blob_path(b.digest)) for b in layers),
+    )
+    return push_image(registry, target, image, pushed, tags)
+
+
+def _find_chain(
+    store: SnapshotStore, layout: CacheLayout, request: SnapshotRequest, previous: SnapshotRecord | None
+) -> _Chain | None:
+    """What a delta would extend, or None (with the reason logged) when the chain rule says full."""
+    if previous is None or previous.format != "store" or not previous.fingerprint:
+        return None
+    why = ""
+    if previous.source != source_digest(request.state):
+        why = "its image layers or settings changed"
+    elif previous.deltas + 1 > request.full_every:
+        why = f"it has {previous.deltas} delta layer(s), [snapshot] full_every"
+    elif len(previous.diff_ids) + 1 > MAX_LAYERS:
+        why = f"one more layer would pass {MAX_LAYERS} (docker loads at most 125)"
+    entry = store.find(previous.reference) if not why else None
+    index = layout.entry_index(upper_key(request.container.container_id, previous.fingerprint))
+    if not why and entry is None:
+        why = f"its previous snapshot {previous.reference} is no longer in the store"
+    elif not why and not index.is_file():
+        why = "the entry index of its previous snapshot is gone"
+    if why or entry is None:
+        log.info("%s: packing the container's layer whole: %s", request.reference, why)
+        return None
+    _, config, layers = store.read_image(entry)
+    return _Chain(previous, entry, config, layers, index)
+
+
+def _store_full(
+    store: SnapshotStore, cache: LayerCache, storage: Storage, request: SnapshotRequest, upper: LayerRecord
+) -> SnapshotRecord:
+    lower = [read_record(cache.layout.layer_record(s.key, request.clamp_mtime)) for s in request.state.lower]
+    records = packing.image_layers([*lower, upper], squash=False)
+    blobs = assembly.layer_blobs(cache, records, "none", None)
+    config = assembly.build_config_bytes(
+        storage, request.container.container_id, records, request.clamp_mtime or _epoch(request.created)
+    )
+    paths = [cache.blob_path(b.digest) for b in blobs]
+    return _add(store, request, config, blobs, paths, upper, deltas=0)
+
+
+def _store_delta(
+    store: SnapshotStore,
+    cache: LayerCache,
+    storage: Storage,
+    request: SnapshotRequest,
+    chain: _Chain,
+    delta: LayerRecord,
+) -> SnapshotRecord:
+    blobs, paths = list(chain.layers), [store.blob_path(b.digest) for b in chain.layers]
+    if delta.diff_id != EMPTY_LAYER_DIFF_ID:
+        [blob] = assembly.layer_blobs(cache, [delta], "none", None)
+        blobs.append(blob)
+        paths.append(cache.blob_path(blob.digest))
+    history = chain.config.get("history")
+    options = CommitOptions(
+        message=f"changes since snapshot {chain.previous.stamp}",
+        previous_history=tuple(h for h in history if isinstance(h, dict)) if isinstance(history, list) else (),
+    )
+    records = [LayerRecord(b.diff_id, b.size) for b in blobs]
+    config = assembly.build_config_bytes(
+        storage, request.container.container_id, records, request.clamp_mtime or _epoch(request.created), options
+    )
+    return _add(store, request, config, blobs, paths, delta, deltas=chain.previous.deltas + 1)
+
+
+def _add(
+    store: SnapshotStore,
+    request: SnapshotRequest,
+    config: bytes,
+    blobs: list[StoredBlob],
+    paths: list[Path],
+    upper: LayerRecord,
+    *,
+    deltas: int,
+) -> SnapshotRecord:
+    container = request.container
+    store.add_image(
+        request.reference,
+        config,
+        blobs,
+        paths,
+        container_id=container.container_id,
+        stamp=request.stamp,
+        created=request.created,
+    )
+    return SnapshotRecord(
+        container_id=container.container_id,
+        name=container.name.lstrip("/") or container.short_id,
+        stamp=request.stamp,
+        reference=request.reference,
+        archive=str(store.root),
+        config_digest=digest_of(config),
+        diff_ids=tuple(b.diff_id for b in blobs),
+        layer_sizes=tuple(b.size for b in blobs),
+        archive_size=sum(b.size for b in blobs) + len(config),
+        fingerprint=upper.fingerprint,
+        duration=0.0,
+        status="new",
+        source=source_digest(request.state),
+        format="store",
+        deltas=deltas,
+    )
+
+
+def _epoch(created: datetime) -> int:
+    return int(created.replace(tzinfo=created.tzinfo or UTC).timestamp())
