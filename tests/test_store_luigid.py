@@ -275,11 +275,6 @@ def test_luigid_shows_a_snapshot_task_by_its_container_and_hides_the_internal_pa
                     assert f"{hidden}=" not in task["display_name"], task["display_name"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SnapshotContainer's new `push` parameter is public: luigid shows push= beside the four parameters"
-    " issue 13 names (container_id, container_name, stamp, format)",
-)
 def test_luigid_shows_exactly_the_four_public_parameters_of_a_snapshot_task(runs: Runs) -> None:
     shown = {k for t in _snapshot_tasks(runs.phases[FIRST], "DONE").values() for k in t["params"]}
     assert shown == PUBLIC

@@ -259,14 +259,7 @@ class IndexReader:
 
     def read_listing(self) -> list[IndexEntry]:
         """The next directory's entries, in tar-name order."""
-        tag = self._take(1)
-        if tag == _ABANDONED:
-            raise IndexUnavailable(
-                f"{self.path}: a directory of more than {MAX_LISTING} entries was not indexed; the layer is"
-                " packed whole"
-            )
-        if tag != _LISTING:
-            raise self._damaged(f"listing {self.listings + 1} expected, found {tag!r}")
+        self._take_tag(_LISTING, f"listing {self.listings + 1}")
         (count,) = _COUNT.unpack(self._take(_COUNT.size))
         if count > MAX_LISTING:
             raise self._damaged(f"a listing of {count} entries, more than {MAX_LISTING}")
@@ -303,18 +296,22 @@ class IndexReader:
     def finish(self) -> None:
         """Check the end: nothing but the counts after the last listing, then the end of the frame (whose
         checksum covers every byte read)."""
+        self._take_tag(_ENDING, f"the end after {self.listings} listings")
+        if _END.unpack(self._take(_END.size)) != (self.entries, self.listings):
+            raise self._damaged(f"its end counts other than the {self.entries} entries in {self.listings} listings")
+        if self._pos < len(self._buffer) or self._read(1):
+            raise self._damaged("data after its end")
+
+    def _take_tag(self, expected: bytes, what: str) -> None:
+        """The next record's tag, which must be expected (what names it in the error)."""
         tag = self._take(1)
         if tag == _ABANDONED:
             raise IndexUnavailable(
                 f"{self.path}: a directory of more than {MAX_LISTING} entries was not indexed; the layer is"
                 " packed whole"
             )
-        if tag != _ENDING:
-            raise self._damaged(f"the end expected after {self.listings} listings, found {tag!r}")
-        if _END.unpack(self._take(_END.size)) != (self.entries, self.listings):
-            raise self._damaged(f"its end counts other than the {self.entries} entries in {self.listings} listings")
-        if self._pos < len(self._buffer) or self._read(1):
-            raise self._damaged("data after its end")
+        if tag != expected:
+            raise self._damaged(f"{what} expected, found {tag!r}")
 
     def _take(self, size: int) -> bytes:
         start = self._pos

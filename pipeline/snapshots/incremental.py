@@ -175,8 +175,22 @@ def _find_chain(
     if why or entry is None:
         log.info("%s: packing the container's layer whole: %s", request.reference, why)
         return None
+    if entry.container_id and entry.container_id != request.container.container_id:
+        log.info("%s: packing the container's layer whole: its name is another container's", request.reference)
+        return None
     _, config, layers = store.read_image(entry)
+    lost = [b.digest for b in layers if not _has_blob(store, b)]
+    if lost:
+        log.warning("%s: packing the container's layer whole: the store lost %s", request.reference, lost[0])
+        return None
     return _Chain(previous, entry, config, layers, index)
+
+
+def _has_blob(store: SnapshotStore, blob: StoredBlob) -> bool:
+    try:
+        return store.blob_path(blob.digest).stat().st_size == blob.size
+    except FileNotFoundError:
+        return False
 
 
 def _store_full(

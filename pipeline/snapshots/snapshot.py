@@ -130,7 +130,14 @@ def measure_run(records: list[SnapshotRecord], blob_dir: Path, run_started: floa
             reused += len(record.diff_ids)
             continue
         archive = Path(record.archive)
-        files = [p for p in archive.rglob("*") if p.is_file()] if archive.is_dir() else [archive]
+        # A store snapshot adds no archive: its layers are links to cache blobs, counted below once each.
+        files = (
+            []
+            if record.format == "store"
+            else [p for p in archive.rglob("*") if p.is_file()]
+            if archive.is_dir()
+            else [archive]
+        )
         for path in files:
             try:
                 st = path.lstat()

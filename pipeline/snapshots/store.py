@@ -49,6 +49,7 @@ from pipeline.host.atomic import (
 from pipeline.image import ocilayout
 from pipeline.image.imageconfig import digest_of, encode_json
 from pipeline.image.reference import parse_reference
+from pipeline.plan import check_outside_storage
 from pipeline.store.cache import LayerCache
 from pipeline.store.compression import DOCKER_ARCHIVE_ALGORITHMS, MEDIA_TYPES, StoredBlob
 from pipeline.store.layout import digest_hex
@@ -310,6 +311,7 @@ class SnapshotStore:
         in one tar (both), or either alone, as a commit writes them (assembly.write_commit_output)."""
         if fmt not in EXPORT_FORMATS:
             raise PipelineError(f"--format {fmt}: not an archive format; choose one of {', '.join(EXPORT_FORMATS)}")
+        check_outside_storage(self.root, {"-o": dest})  # never over the store's own index or blobs
         descriptors = self._read_index()[1]
         found = _find_descriptor(descriptors, reference)
         if found is None:

@@ -83,6 +83,8 @@ class PackImageLayer(_LayerTask):
 
     tar_split: str = luigi.Parameter(default="", visibility=HIDDEN)
     original_diff_id: str = luigi.Parameter(default="", visibility=HIDDEN)
+    # Shared image layers first: every commit and snapshot of the containers on that image waits for them.
+    priority = 10
 
     def label(self) -> str:
         # The diff_id the engine recorded, else the layer's directory: what `docker image inspect` would show.

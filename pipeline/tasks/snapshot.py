@@ -85,7 +85,9 @@ class SnapshotContainer(StorageTask):
     reuse_from: str = luigi.Parameter(default="", visibility=HIDDEN)
     problem: str = luigi.Parameter(default="", visibility=HIDDEN)
     full_every: int = luigi.IntParameter(default=incremental.DEFAULT_FULL_EVERY, visibility=HIDDEN)
-    push: str = luigi.Parameter(default="", description="REGISTRY/PREFIX each new snapshot is pushed under")
+    push: str = luigi.Parameter(
+        default="", visibility=HIDDEN, description="REGISTRY/PREFIX each new snapshot is pushed under"
+    )
     # When the plan was made: the record's duration runs from there (not part of what the snapshot is).
     planned_at: float = luigi.FloatParameter(default=0.0, significant=False, visibility=HIDDEN)
 
@@ -126,8 +128,9 @@ class SnapshotContainer(StorageTask):
         write_bytes_atomic(Path(self.output().path), record.to_json())
         catalog.clear_failure(output_dir, self.stamp, self.container_id)
         if catalog.read_failures(output_dir, self.stamp):
-            # SnapshotAll, which rebuilds the catalog once at the end, will not run after a failure.
+            # SnapshotAll, which writes the catalog and metrics once at the end, will not run after a failure.
             self._rebuild_catalog()
+            self._write_metrics()
         done = catalog.count_records_of_stamp(output_dir, self.stamp)
         Progress(self).finish(f"{record.status}, {done} snapshot(s) of {self.stamp} recorded so far")
 
@@ -139,10 +142,17 @@ class SnapshotContainer(StorageTask):
             name = self.container_name or self.container_id[:12]
             catalog.record_failure(output_dir, self.stamp, self.container_id, name, str(exception))
             self._rebuild_catalog()
-            write_run_metrics(output_dir, self.stamp, catalog.read_records_of_stamp(output_dir, self.stamp), 0)
+            self._write_metrics()
         except (OSError, PipelineError) as e:
             log.warning("%s: cannot record the failure in the catalog (%s)", self.output_dir, e)
         return super().on_failure(exception)
+
+    def _write_metrics(self) -> None:
+        """The run's metrics as far as it got (what SnapshotAll writes at the end of a run without failures)."""
+        output_dir = Path(self.output_dir)
+        records = catalog.read_records_of_stamp(output_dir, self.stamp)
+        totals = snapshots.measure_run(records, CacheLayout(Path(self.cache_dir)).blob_dir, _PROCESS_STARTED)
+        write_run_metrics(output_dir, self.stamp, records, totals.new_bytes)
 
     def _rebuild_catalog(self) -> None:
         with catalog.locked(Path(self.output_dir)):
