@@ -36,7 +36,7 @@ from pipeline.layer.index import IndexWriter
 from pipeline.layer.writer import write_layer
 from pipeline.store.compression import StoredBlob
 from tests.support.imagecheck import compare_trees, unpack_layers_with_python
-from tests.support.overlay_storage import TreeView, overlay_mount, read_tree
+from tests.support.overlay_storage import TreeView, overlay_mount, read_tree, stat_tree
 
 _EXAMPLES = int(os.environ.get("PIPELINE_DELTA_EXAMPLES", "5"))
 _SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -244,16 +244,6 @@ _IDS = [0, 1, 1000, 65534, 2097152]
 _MODES = [0o600, 0o644, 0o755, 0o700, 0o4755, 0o1777, 0o000]
 
 
-def _tree(merged: Path) -> dict[bytes, os.stat_result]:
-    found = {}
-    base = os.fsencode(merged)
-    for dirpath, dirnames, filenames in os.walk(base):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            found[os.path.relpath(path, base)] = os.lstat(path)
-    return found
-
-
 def _remove(path: bytes) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
@@ -276,7 +266,7 @@ def _nested(a: bytes, b: bytes) -> bool:
 
 def _change(data: st.DataObject, merged: Path, lower_paths: set[bytes]) -> None:
     """One change through the merged view, of a kind hypothesis draws, to a path it draws among those that exist."""
-    tree = _tree(merged)
+    tree = stat_tree(merged)
     base = os.fsencode(merged)
     dirs = [b""] + [p for p, s in tree.items() if stat.S_ISDIR(s.st_mode)]
     files = [p for p, s in tree.items() if stat.S_ISREG(s.st_mode)]
@@ -377,7 +367,7 @@ def _change(data: st.DataObject, merged: Path, lower_paths: set[bytes]) -> None:
 
 def _run_chain(data: st.DataObject, work: Path) -> _Container:
     container = _Container(work)
-    lower_paths = set(_tree(container.lower))
+    lower_paths = set(stat_tree(container.lower))
     states = data.draw(st.integers(12, 15), label="states")
     for state in range(states):
         note(f"state {state}")

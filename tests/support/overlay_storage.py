@@ -122,6 +122,17 @@ def read_entry(path: bytes | Path) -> Entry:
     )
 
 
+def stat_tree(root: Path) -> dict[bytes, os.stat_result]:
+    """Every path under root (relative, as bytes) with its lstat, for choosing what to change next."""
+    found = {}
+    base = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            found[os.path.relpath(path, base)] = os.lstat(path)
+    return found
+
+
 def read_tree(root: Path) -> TreeView:
     """Walk `root` with bytes paths (names need not be UTF-8) and describe every entry below it."""
     base = os.fsencode(root)
