@@ -821,8 +821,8 @@ def test_a_container_that_cannot_be_snapshotted_fails_alone_and_the_rerun_takes_
 
 @pytest.mark.xfail(
     strict=True,
-    reason="bug: containers named web-1 and WEB-1 both get the reference web-1:<stamp>; the second replaces the"
-    " first's store entry, and the next delta of one is built on the other's layers",
+    reason="bug: containers named web-1 and WEB-1 both get the reference web-1:<stamp>; the second one stored"
+    " replaces the first's store entry, so one container's snapshot is gone from the store while its record names it",
 )
 def test_containers_whose_names_differ_only_in_case_keep_their_own_snapshots(
     pristine: Pristine, tmp_path: Path
@@ -902,12 +902,6 @@ def test_a_snapshot_whose_previous_one_lost_a_layer_blob_is_taken_full(pristine:
     compare_trees(view, umoci_view(out / "store", ref, tmp_path), label=ref)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: take_snapshot deletes the previous snapshot's entry index as soon as the store holds the new one,"
-    " before the new record is written: a run killed in between (or a record lost) makes the redo pack the whole"
-    " layer again ('the entry index of its previous snapshot is gone')",
-)
 def test_a_snapshot_redone_after_its_record_was_lost_is_still_a_delta(pristine: Pristine, tmp_path: Path) -> None:
     root = copy_storage(pristine, tmp_path / "rocker")
     out = tmp_path / "out"

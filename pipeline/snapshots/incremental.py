@@ -106,12 +106,16 @@ def take_snapshot(
         record = _store_full(store, cache, storage, request, upper)
     else:
         record = _store_delta(store, cache, storage, request, chain, upper)
-    if previous is not None and previous.fingerprint and previous.fingerprint != record.fingerprint:
-        # The next delta starts from this snapshot's index: the previous one is no longer needed.
-        cache.layout.entry_index(upper_key(request.container.container_id, previous.fingerprint)).unlink(
-            missing_ok=True
-        )
     return record
+
+
+def drop_superseded_index(
+    layout: CacheLayout, earlier: SnapshotRecord | None, needed: tuple[SnapshotRecord, ...]
+) -> None:
+    """Delete the entry index of the earlier snapshot unless one of the needed snapshots (the newest two: the next
+    delta starts from the newest, a redo of the newest from the one before) has the same state."""
+    if earlier is not None and earlier.fingerprint and earlier.fingerprint not in {r.fingerprint for r in needed}:
+        layout.entry_index(upper_key(earlier.container_id, earlier.fingerprint)).unlink(missing_ok=True)
 
 
 def reuse_snapshot(

@@ -126,6 +126,13 @@ class SnapshotContainer(StorageTask):
             record = snapshots.build_record(container, self.stamp, result, 0.0, self._state())
         record = catalog.with_duration(record, time.time() - started)
         write_bytes_atomic(Path(self.output().path), record.to_json())
+        if self.format == "store" and record.status == "new":
+            # The next delta starts from this snapshot's index, a redo of this one from the previous snapshot's:
+            # the one before that is no longer needed.
+            before = catalog.previous_record(output_dir, self.container_id, self.stamp)
+            if before is not None:
+                earlier = catalog.previous_record(output_dir, self.container_id, before.stamp)
+                incremental.drop_superseded_index(CacheLayout(Path(self.cache_dir)), earlier, (before, record))
         catalog.clear_failure(output_dir, self.stamp, self.container_id)
         if catalog.read_failures(output_dir, self.stamp):
             # SnapshotAll, which writes the catalog and metrics once at the end, will not run after a failure.
