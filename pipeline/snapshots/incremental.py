@@ -182,7 +182,11 @@ def _find_chain(
     if entry.container_id and entry.container_id != request.container.container_id:
         log.info("%s: packing the container's layer whole: its name is another container's", request.reference)
         return None
-    _, config, layers = store.read_image(entry)
+    try:
+        _, config, layers = store.read_image(entry)
+    except StorageError as e:  # the previous snapshot's manifest or config is damaged: nothing to chain on
+        log.warning("%s: packing the container's layer whole: %s", request.reference, e)
+        return None
     lost = [b.digest for b in layers if not _has_blob(store, b)]
     if lost:
         log.warning("%s: packing the container's layer whole: the store lost %s", request.reference, lost[0])
