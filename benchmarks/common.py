@@ -8,6 +8,7 @@ finds this module with no path set-up.
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import functools
 import hashlib
@@ -291,7 +292,9 @@ def run_child(
 
 
 def find_luigi(tools: tuple[str, ...]) -> Path | None:
-    """The venv's luigi once every tool is on PATH; None, after an error line, when something is missing."""
+    """The venv's luigi once every tool is on PATH; None, after an error line, when something is missing. The
+    package's bytecode is compiled first, as a pip install does (the editable one here has none, and with
+    PYTHONDONTWRITEBYTECODE set every run would compile it again)."""
     for tool in tools:
         if shutil.which(tool) is None:
             print(f"error: {tool} is not on PATH", file=sys.stderr)
@@ -300,6 +303,7 @@ def find_luigi(tools: tuple[str, ...]) -> Path | None:
     if not luigi.exists():
         print(f"error: {luigi} not found; run with the project's .venv/bin/python", file=sys.stderr)
         return None
+    compileall.compile_dir(REPO_ROOT / "pipeline", quiet=1)
     return luigi
 
 

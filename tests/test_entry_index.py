@@ -106,10 +106,12 @@ def test_index_holds_every_walked_entry_in_the_walks_order(storage: RockerStorag
             st.st_gid,
             st.st_size,
         )
+        # A whiteout device's ctime and link count are left out: a remount changes them (the shared whiteout).
+        device = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
         assert (fields.mtime_ns, fields.ctime_ns, fields.nlink, fields.rdev) == (
             st.st_mtime_ns,
-            st.st_ctime_ns,
-            st.st_nlink,
+            0 if device else st.st_ctime_ns,
+            0 if device else st.st_nlink,
             st.st_rdev,
         )
     # The container layer holds all three: .wh.hostname, the re-created opt/app, and plain entries.

@@ -1,7 +1,8 @@
 """Snapshots into one snapshot store by two `python -m pipeline run SnapshotAll --workers 2` processes at once, through
 one real central scheduler (luigid; issue 13): every container's snapshot lands in the store once per stamp, as a
-delta where it changed, and luigid lists each SnapshotContainer task by container name and stamp, shows only its
-public parameters, 100% when done, and FAILED with a one-line error for the container that cannot be snapshotted."""
+delta where it changed, and luigid lists each SnapshotContainer task by container name and stamp (the containers
+unchanged since their last snapshot: one ReuseSnapshots task listing them), shows only its public parameters, 100% when
+done, and FAILED with a one-line error for the container that cannot be snapshotted."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ BROKEN = "worker"  # given a file named like an OCI whiteout before the second s
 PUBLIC = {"container_id", "container_name", "stamp", "format"}  # what luigid may show of a SnapshotContainer
 INTERNAL = {  # what it must not: paths, keys, digests, the plan
     "host", "engine", "storage_root", "cache_dir", "clamp_mtime", "pause", "output_dir", "lower", "upper",
-    "metadata", "reuse_from", "problem", "full_every", "planned_at",
+    "metadata", "reuse_from", "problem", "full_every", "planned_at", "qualified", "push",
 }  # fmt: skip
 STATUSES = ("PENDING", "RUNNING", "DONE", "FAILED", "DISABLED")
 RUN_TIMEOUT = 180.0
@@ -256,11 +257,39 @@ def test_luigid_lists_each_snapshot_task_by_container_name_and_stamp(runs: Runs)
     for stamp in (FIRST, SECOND):
         phase = runs.phases[stamp]
         tasks = {**_snapshot_tasks(phase, "DONE"), **_snapshot_tasks(phase, "FAILED")}
-        # A run that plans after the other one finished a container plans it as done (no reuse_from): the same
+        # A run that plans after the other one finished a container plans it as done (no reuse): the same
         # snapshot under a second task id, which luigid lists too.
-        assert {t["params"]["container_name"] for t in tasks.values()} == set(NAMES), tasks.keys()
+        named = {t["params"]["container_name"] for t in tasks.values()}
+        reused = _reused_names(phase)
+        assert named | reused == set(NAMES), (tasks.keys(), reused)
+        assert reused == (set() if stamp == FIRST else set(NAMES) - set(CHANGED) - {BROKEN}), reused
         for task_id, task in tasks.items():
             assert task_id.startswith(f"SnapshotContainer_{_label(task['params']['container_name'], stamp)}_"), task_id
+
+
+def test_luigid_shows_the_unchanged_containers_in_one_task_by_name_with_the_internal_parameters_hidden(
+    runs: Runs,
+) -> None:
+    # Both runs plan the same batch (one task id to luigid), unless one planned while the other was writing it.
+    batches = [(k, t) for k, t in runs.phases[SECOND].tasks["DONE"].items() if t["name"] == "ReuseSnapshots"]
+    assert batches, runs.phases[SECOND].tasks["DONE"].keys()
+    task_id, task = max(batches, key=lambda kt: len(json.loads(kt[1]["params"]["container_ids"])))
+    unchanged = len(NAMES) - len(CHANGED) - 1
+    assert task_id.startswith(f"ReuseSnapshots_{unchanged}_unchanged_{_label('', SECOND).strip('_')}_"), task_id
+    assert set(task["params"]) == {"container_ids", "container_names", "stamp", "format"}, task["params"]
+    ids = json.loads(task["params"]["container_ids"])
+    assert sorted(ids) == sorted(container_id_for(n) for n in _reused_names(runs.phases[SECOND]))
+    assert task["progress_percentage"] == 100, task
+
+
+def _reused_names(phase: Phase) -> set[str]:
+    """The containers luigid shows in ReuseSnapshots tasks (done or failed)."""
+    names: set[str] = set()
+    for status in ("DONE", "FAILED"):
+        for task in phase.tasks[status].values():
+            if task["name"] == "ReuseSnapshots":
+                names |= {n.lstrip("/") for n in json.loads(task["params"]["container_names"])}
+    return names
 
 
 def test_luigid_shows_a_snapshot_task_by_its_container_and_hides_the_internal_parameters(runs: Runs) -> None:
@@ -287,10 +316,13 @@ def test_finished_snapshot_and_layer_tasks_show_100_percent(runs: Runs) -> None:
         for task_id, task in done.items():
             if task["name"] == "SnapshotContainer":
                 shown.setdefault(task["params"]["container_name"], set()).add(task["progress_percentage"])
-            if task["name"] in ("SnapshotContainer", "PackImageLayer") and task["status_message"]:  # it ran
-                assert task["progress_percentage"] == 100, (task_id, task["progress_percentage"])
-        # Each container's snapshot, taken by one run, shows 100%; a second id of it (see above), found done
-        # when that run planned, never ran and shows none.
+            if task["name"] == "ReuseSnapshots" and task["progress_percentage"] == 100:
+                for name in json.loads(task["params"]["container_names"]):
+                    shown.setdefault(name, set()).add(100)
+            if task["name"] in ("SnapshotContainer", "PackImageLayer", "ReuseSnapshots") and task["status_message"]:
+                assert task["progress_percentage"] == 100, (task_id, task["progress_percentage"])  # it ran
+        # Each container's snapshot, taken by one run, shows 100% (the unchanged ones: their ReuseSnapshots); a
+        # second id of it (see above), found done when that run planned, never ran and shows none.
         assert {name for name, values in shown.items() if 100 in values} == (
             set(NAMES) if stamp == FIRST else set(NAMES) - {BROKEN}
         ), shown

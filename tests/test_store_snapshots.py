@@ -819,11 +819,6 @@ def test_a_container_that_cannot_be_snapshotted_fails_alone_and_the_rerun_takes_
 # --- containers whose names give one reference ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: containers named web-1 and WEB-1 both get the reference web-1:<stamp>; the second one stored"
-    " replaces the first's store entry, so one container's snapshot is gone from the store while its record names it",
-)
 def test_containers_whose_names_differ_only_in_case_keep_their_own_snapshots(
     pristine: Pristine, tmp_path: Path
 ) -> None:
@@ -859,12 +854,6 @@ def test_the_metrics_of_a_run_with_a_failed_container_count_every_snapshot_it_to
     assert float(written) >= record(tmp_path / "out", WEB, stamp_of(0)).layer_sizes[-1], prom
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: mounting a container's overlay again (a restart) unlinks the kernel's shared whiteout in its work"
-    " dir, which changes the link count and ctime of every whiteout of the last mount: the container looks changed"
-    " and gets a delta re-writing those whiteouts",
-)
 def test_a_container_only_mounted_again_since_its_snapshot_is_unchanged(pristine: Pristine, tmp_path: Path) -> None:
     root = copy_storage(pristine, tmp_path / "rocker")
     with changing(root, WEB) as merged:

@@ -118,7 +118,10 @@ class IndexEntry:
 
 
 def signature_of(st: os.stat_result) -> bytes:
-    """The packed signature of an entry whose lstat is st."""
+    """The packed signature of an entry whose lstat is st (a whiteout device's without its ctime and link count,
+    which a remount changes: whiteout.is_whiteout_device)."""
+    if whiteout.is_whiteout_device(st):
+        return _SIGNATURE.pack(st.st_ino, st.st_mode, st.st_uid, st.st_gid, 0, st.st_mtime_ns, 0, 0, 0)
     return _SIGNATURE.pack(
         st.st_ino,
         st.st_mode,

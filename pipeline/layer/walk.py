@@ -52,12 +52,19 @@ def scan_layer(layer_dir: Path) -> LayerScan:
     """Walk layer_dir's metadata (path, size, mtime, ctime, inode, mode) without reading file contents.
 
     ctime is in the fingerprint because no user-space call can set it back: any write, chmod, rename or
-    utime since the last scan changes it, so an equal fingerprint means an unchanged layer.
+    utime since the last scan changes it, so an equal fingerprint means an unchanged layer. A whiteout device
+    counts without its ctime, which a remount changes (whiteout.is_whiteout_device), but with what its tar
+    entry holds (owner, mtime).
     """
     digest = hashlib.sha256()
     entries = file_bytes = 0
     base = os.path.join(os.fsencode(layer_dir), b"")  # the bytes os.walk's paths began with
     for rel, st in walk_metadata(layer_dir):
+        if whiteout.is_whiteout_device(st):  # without ctime, which a remount changes (is_whiteout_device)
+            digest.update(
+                b"%s%s\0w %d %d %d %d %d\n" % (base, rel, st.st_mtime_ns, st.st_ino, st.st_mode, st.st_uid, st.st_gid)
+            )
+            continue
         digest.update(
             b"%s%s\0%d %d %d %d %d\n" % (base, rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode)
         )

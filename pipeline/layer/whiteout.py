@@ -85,6 +85,12 @@ def _marker(overlay_xattrs: str | None, name: str) -> str | None:
     return f"{overlay_xattrs}.overlay.{name}"
 
 
+def is_whiteout_device(st: os.stat_result) -> bool:
+    """A 0/0 character device: the kernel's whiteout. The kernel links whiteouts to one shared inode in the work
+    dir and unlinks that on every mount, so their link count and ctime change when nothing in the container did."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
 def is_whiteout(mode: int, rdev: int, xattrs: dict[str, bytes], overlay_xattrs: str | None) -> bool:
     """Whether an entry of a layer_dir records the deletion of a lower entry."""
     if stat.S_ISCHR(mode) and rdev == 0:

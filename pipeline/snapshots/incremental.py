@@ -9,7 +9,7 @@ packed whole again and the chain starts over.
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -26,7 +26,7 @@ from pipeline.registry.client import Blob, Registry
 from pipeline.registry.push import Image, PushedBlobs, PushedTags, PushResult, push_image
 from pipeline.snapshots.catalog import SnapshotRecord, reuse_record
 from pipeline.snapshots.snapshot import snapshot_reference, source_digest
-from pipeline.snapshots.store import SnapshotStore, StoreEntry
+from pipeline.snapshots.store import Renaming, SnapshotStore, StoreEntry
 from pipeline.store.cache import LayerCache
 from pipeline.store.compression import StoredBlob
 from pipeline.store.layout import CacheLayout
@@ -52,10 +52,11 @@ class SnapshotRequest:
     created: datetime  # the snapshot's time (UTC), in the store entry
     clamp_mtime: int | None = None
     full_every: int = DEFAULT_FULL_EVERY
+    qualified: bool = False  # another container of the run has the same reference name
 
     @property
     def reference(self) -> str:
-        return snapshot_reference(self.container, self.stamp)
+        return snapshot_reference(self.container, self.stamp, qualified=self.qualified)
 
 
 @dataclass(frozen=True)
@@ -118,18 +119,23 @@ def drop_superseded_index(
         layout.entry_index(upper_key(earlier.container_id, earlier.fingerprint)).unlink(missing_ok=True)
 
 
-def reuse_snapshot(
-    store: SnapshotStore, request: SnapshotRequest, previous: SnapshotRecord, duration: float
-) -> SnapshotRecord:
-    """An unchanged container's snapshot: its previous image named again in the store, no byte written."""
-    store.add_reference(
-        previous.reference,
-        request.reference,
-        container_id=request.container.container_id,
-        stamp=request.stamp,
-        created=request.created,
+@dataclass(frozen=True)
+class Reuse:
+    """An unchanged container's next snapshot: its previous snapshot (previous) named again as reference."""
+
+    previous: SnapshotRecord
+    reference: str
+    stamp: str
+    created: datetime  # the snapshot's time (UTC), in the store entry
+
+
+def reuse_snapshots(store: SnapshotStore, reuses: Sequence[Reuse], duration: float) -> list[SnapshotRecord]:
+    """Unchanged containers' snapshots: each previous image named again in the store, all in one update of
+    index.json, no blob written; their records."""
+    store.add_references(
+        [Renaming(r.previous.reference, r.reference, r.previous.container_id, r.stamp, r.created) for r in reuses]
     )
-    return replace(reuse_record(previous, request.stamp, duration), reference=request.reference)
+    return [replace(reuse_record(r.previous, r.stamp, duration), reference=r.reference) for r in reuses]
 
 
 def push_snapshot(

@@ -51,10 +51,29 @@ def select_containers(storage: Storage, globs: list[str], state: str) -> list[Co
     return selected
 
 
-def snapshot_reference(container: Container, stamp: str) -> str:
-    """<name>:<stamp>, the name made a valid repository name."""
-    name = build_reference_from_name(container.name, container.container_id).name
-    return f"{name}:{stamp}"
+def snapshot_reference(container: Container, stamp: str, *, qualified: bool = False) -> str:
+    """<name>:<stamp>, the name made a valid repository name; <name>-<short id>:<stamp> when qualified (another
+    container of the run has the same name once made valid, as web-1 and WEB-1 do)."""
+    return reference_for(container.name, container.container_id, stamp, qualified=qualified)
+
+
+def reference_for(name: str, container_id: str, stamp: str, *, qualified: bool = False) -> str:
+    """snapshot_reference of the container with this name and id."""
+    valid = build_reference_from_name(name, container_id).name
+    return f"{valid}-{container_id[:12]}:{stamp}" if qualified else f"{valid}:{stamp}"
+
+
+def reference_name(container: Container) -> str:
+    return build_reference_from_name(container.name, container.container_id).name
+
+
+def shared_reference_names(containers: list[Container]) -> set[str]:
+    """The reference names more than one of these containers would get: theirs are qualified by short id."""
+    seen: dict[str, int] = {}
+    for container in containers:
+        name = reference_name(container)
+        seen[name] = seen.get(name, 0) + 1
+    return {name for name, count in seen.items() if count > 1}
 
 
 def snapshot_archive(output_dir: Path, container: Container, stamp: str, fmt: str = "both") -> Path:
@@ -89,13 +108,19 @@ class CommitResult:
 
 
 def build_record(
-    container: Container, stamp: str, result: CommitResult, duration: float, state: ContainerState
+    container: Container,
+    stamp: str,
+    result: CommitResult,
+    duration: float,
+    state: ContainerState,
+    *,
+    qualified: bool = False,
 ) -> SnapshotRecord:
     return SnapshotRecord(
         container_id=container.container_id,
         name=container.name.lstrip("/") or container.short_id,
         stamp=stamp,
-        reference=snapshot_reference(container, stamp),
+        reference=snapshot_reference(container, stamp, qualified=qualified),
         archive=str(result.archive),
         config_digest=digest_of(result.config),
         diff_ids=tuple(r.diff_id for r in result.layers),

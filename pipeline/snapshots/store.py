@@ -98,6 +98,17 @@ class StoreEntry:
 
 
 @dataclass(frozen=True)
+class Renaming:
+    """An unchanged container's next snapshot: the image of existing_ref named again as new_ref."""
+
+    existing_ref: str
+    new_ref: str
+    container_id: str
+    stamp: str
+    created: datetime
+
+
+@dataclass(frozen=True)
 class _Blob:
     """A blob to place: a layer copied from the cache (source), or small bytes (data)."""
 
@@ -172,22 +183,49 @@ class SnapshotStore:
     ) -> StoreEntry:
         """Name existing_ref's image again as new_ref (an unchanged container's next snapshot): one more index
         entry pointing at the same manifest, no blob written."""
-        ref = str(parse_reference(new_ref))
+        return self.add_references([Renaming(existing_ref, new_ref, container_id, stamp, created)])[0]
+
+    def add_references(self, renamings: Sequence["Renaming"]) -> list[StoreEntry]:
+        """add_reference for many unchanged containers at once: one read and one durable write of index.json.
+        All or none: a missing or damaged existing image fails the call (naming it) before anything is written."""
+        refs = [str(parse_reference(r.new_ref)) for r in renamings]
         self._create_layout()
+        entries = []
         with self._index_lock():
             doc, descriptors = self._read_index()
-            found = _find_descriptor(descriptors, existing_ref)
-            if found is None:
-                raise StorageError(self._describe_missing(existing_ref, descriptors))
-            entry = StoreEntry(
-                ref, found["digest"], found["size"], container_id, stamp, _format_created(created), found["mediaType"]
+            by_name = {name: d for d in descriptors if (name := _reference_of(d))}
+            for ref, renaming in zip(refs, renamings, strict=True):
+                found = by_name.get(renaming.existing_ref) or _find_descriptor(descriptors, renaming.existing_ref)
+                if found is None:
+                    raise StorageError(self._describe_missing(renaming.existing_ref, descriptors))
+                entry = StoreEntry(
+                    ref,
+                    found["digest"],
+                    found["size"],
+                    renaming.container_id,
+                    renaming.stamp,
+                    _format_created(renaming.created),
+                    found["mediaType"],
+                )
+                path = self.blob_path(entry.digest)
+                if _regular_size(path) != entry.size:
+                    raise StorageError(
+                        f"{path}: the manifest of {renaming.existing_ref} is missing or damaged; {_DAMAGED}"
+                    )
+                entries.append(entry)
+            named = set(refs)
+            kept = [d for d in descriptors if _reference_of(d) not in named]
+            self._write_index(doc, kept + [_descriptor_of(e) for e in entries])
+        for renaming, entry in zip(renamings, entries, strict=True):
+            log.info(
+                "%s: stored %s as the image of %s (no new bytes)", self.root, entry.reference, renaming.existing_ref
             )
-            path = self.blob_path(entry.digest)
-            if _regular_size(path) != entry.size:
-                raise StorageError(f"{path}: the manifest of {existing_ref} is missing or damaged; {_DAMAGED}")
-            self._write_index(doc, _replaced(descriptors, entry))
-        log.info("%s: stored %s as the image of %s (no new bytes)", self.root, ref, existing_ref)
-        return entry
+        return entries
+
+    def references(self) -> set[str]:
+        """The names of every snapshot in the store (none when there is no store yet). Reading index.json alone
+        takes no hold on the store's blobs (a planning process must not keep retention from collecting)."""
+        return {name for d in self._parse_index_file()[1] if (name := _reference_of(d))}
 
     def remove_references(self, refs: Iterable[str]) -> None:
         """Drop these snapshots' index entries (refs not in the store are ignored); their blobs stay until
@@ -431,6 +469,9 @@ class SnapshotStore:
     def _read_index(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """index.json and its checked manifest descriptors; both empty when the store has none yet."""
         self._gc.hold()
+        return self._parse_index_file()
+
+    def _parse_index_file(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         try:
             data = _read_limited(self.index_path, MAX_INDEX_SIZE)
         except FileNotFoundError:

@@ -11,7 +11,7 @@ from pipeline.tasks.image import (
 )
 from pipeline.tasks.push import PushImage
 from pipeline.tasks.settings import DurableTarget
-from pipeline.tasks.snapshot import SnapshotAll, SnapshotContainer
+from pipeline.tasks.snapshot import ReuseSnapshots, SnapshotAll, SnapshotContainer
 
 __all__ = [
     "CommitImage",
@@ -19,6 +19,7 @@ __all__ = [
     "PackContainerLayer",
     "PackImageLayer",
     "PushImage",
+    "ReuseSnapshots",
     "SnapshotAll",
     "SnapshotContainer",
     "WriteImageArchive",

@@ -1,7 +1,9 @@
-"""Scheduled batch snapshots: SnapshotAll requires one SnapshotContainer per selected container.
+"""Scheduled batch snapshots: SnapshotAll requires one SnapshotContainer per changed container and one
+ReuseSnapshots for all the unchanged ones.
 
     SnapshotAll ─> SnapshotContainer* ─> PackImageLayer* (shared)                       (--format store, default)
-    SnapshotAll ─> SnapshotContainer* ─(only if the container changed)─> WriteImageArchive    (other formats)
+    SnapshotAll ─> SnapshotContainer* ─> WriteImageArchive                                      (other formats)
+    SnapshotAll ─> ReuseSnapshots (every container unchanged since its previous snapshot, in one task)
 
 With the store, a container's snapshot is one task: its own layer (whole, or a delta on its previous snapshot),
 config and store entry are written by one plain call (snapshots.incremental); only the image layers containers
@@ -82,8 +84,9 @@ class SnapshotContainer(StorageTask):
     lower: tuple[tuple[str, ...], ...] = luigi.ListParameter(default=(), visibility=HIDDEN)  # LayerSource.as_param
     upper: tuple[str, ...] = luigi.ListParameter(default=(), visibility=HIDDEN)
     metadata: str = luigi.Parameter(default="", visibility=HIDDEN)
-    reuse_from: str = luigi.Parameter(default="", visibility=HIDDEN)
     problem: str = luigi.Parameter(default="", visibility=HIDDEN)
+    # Another container of the run has the same reference name (web-1, WEB-1): the reference gets the short id.
+    qualified: bool = luigi.BoolParameter(default=False, visibility=HIDDEN)
     full_every: int = luigi.IntParameter(default=incremental.DEFAULT_FULL_EVERY, visibility=HIDDEN)
     push: str = luigi.Parameter(
         default="", visibility=HIDDEN, description="REGISTRY/PREFIX each new snapshot is pushed under"
@@ -95,7 +98,7 @@ class SnapshotContainer(StorageTask):
         return f"{self.container_name or self.container_id[:12]}_{self.stamp}"
 
     def requires(self) -> list[luigi.Task]:
-        if self.reuse_from or self.problem:
+        if self.problem:
             return []
         if self.format == "store":
             return list(image_layer_tasks(self._state().lower, self.host, self.cache_dir, self.clamp_mtime))
@@ -116,14 +119,11 @@ class SnapshotContainer(StorageTask):
         output_dir = Path(self.output_dir)
         if self.format == "store":
             record = self._snapshot_into_store(output_dir)
-        elif self.reuse_from:
-            previous = catalog.read_record(output_dir, self.container_id, self.reuse_from)
-            record = catalog.reuse_record(previous, self.stamp, 0.0)
         else:
             failpoint.reached("snapshot:record")
             container = self.open_storage().read_container(self.container_id)
             result = _read_commit(self._archive_task())
-            record = snapshots.build_record(container, self.stamp, result, 0.0, self._state())
+            record = snapshots.build_record(container, self.stamp, result, 0.0, self._state(), qualified=self.qualified)
         record = catalog.with_duration(record, time.time() - started)
         write_bytes_atomic(Path(self.output().path), record.to_json())
         if self.format == "store" and record.status == "new":
@@ -133,71 +133,38 @@ class SnapshotContainer(StorageTask):
             if before is not None:
                 earlier = catalog.previous_record(output_dir, self.container_id, before.stamp)
                 incremental.drop_superseded_index(CacheLayout(Path(self.cache_dir)), earlier, (before, record))
-        catalog.clear_failure(output_dir, self.stamp, self.container_id)
-        if catalog.read_failures(output_dir, self.stamp):
-            # SnapshotAll, which writes the catalog and metrics once at the end, will not run after a failure.
-            self._rebuild_catalog()
-            self._write_metrics()
-        done = catalog.count_records_of_stamp(output_dir, self.stamp)
-        Progress(self).finish(f"{record.status}, {done} snapshot(s) of {self.stamp} recorded so far")
+        _finish(self, output_dir, [self.container_id], f"{record.status}")
 
     def on_failure(self, exception: BaseException) -> str:
-        # The catalog and the metrics stay whole whatever fails: SnapshotAll, which writes them too, never runs
-        # once a container failed.
-        output_dir = Path(self.output_dir)
-        try:
-            name = self.container_name or self.container_id[:12]
-            catalog.record_failure(output_dir, self.stamp, self.container_id, name, str(exception))
-            self._rebuild_catalog()
-            self._write_metrics()
-        except (OSError, PipelineError) as e:
-            log.warning("%s: cannot record the failure in the catalog (%s)", self.output_dir, e)
+        _record_failures(self, [(self.container_id, self.container_name or self.container_id[:12])], exception)
         return super().on_failure(exception)
-
-    def _write_metrics(self) -> None:
-        """The run's metrics as far as it got (what SnapshotAll writes at the end of a run without failures)."""
-        output_dir = Path(self.output_dir)
-        records = catalog.read_records_of_stamp(output_dir, self.stamp)
-        totals = snapshots.measure_run(records, CacheLayout(Path(self.cache_dir)).blob_dir, _PROCESS_STARTED)
-        write_run_metrics(output_dir, self.stamp, records, totals.new_bytes)
-
-    def _rebuild_catalog(self) -> None:
-        with catalog.locked(Path(self.output_dir)):
-            catalog.write_index(Path(self.output_dir))
 
     def _snapshot_into_store(self, output_dir: Path) -> catalog.SnapshotRecord:
         store = SnapshotStore(catalog.store_dir(output_dir))
         container = self.open_storage().read_container(self.container_id)
         request = incremental.SnapshotRequest(
-            container, self._state(), self.stamp, _stamp_time(self.stamp), self.clamp_mtime, self.full_every
+            container,
+            self._state(),
+            self.stamp,
+            _stamp_time(self.stamp),
+            self.clamp_mtime,
+            self.full_every,
+            self.qualified,
         )
         cache = LayerCache(Path(self.cache_dir))
-        if self.reuse_from:
-            previous = catalog.read_record(output_dir, self.container_id, self.reuse_from)
-            record = incremental.reuse_snapshot(store, request, previous, 0.0)
-        else:
-            failpoint.reached("snapshot:record")
-            markers = CacheLayout(cache.root).freezer_markers
-            record = incremental.take_snapshot(
-                store,
-                cache,
-                self.open_storage(),
-                request,
-                catalog.previous_record(output_dir, self.container_id, self.stamp),
-                pausing=lambda: packing.pause_while_packing(container, markers, enabled=self.pause),
-                report=Progress(self),
-            )
+        failpoint.reached("snapshot:record")
+        markers = CacheLayout(cache.root).freezer_markers
+        record = incremental.take_snapshot(
+            store,
+            cache,
+            self.open_storage(),
+            request,
+            catalog.previous_record(output_dir, self.container_id, self.stamp),
+            pausing=lambda: packing.pause_while_packing(container, markers, enabled=self.pause),
+            report=Progress(self),
+        )
         if self.push:
-            target = push_target(self.push, record.reference)
-            assert target.domain is not None
-            incremental.push_snapshot(
-                store,
-                record.reference,
-                open_registry(target.domain, registry().options()),
-                target,
-                pushed=PushedBlobs.in_cache(cache.root, target.domain),
-                tags=PushedTags.in_cache(cache.root, target.domain),
-            )
+            _push(store, Path(self.cache_dir), self.push, record.reference)
         return record
 
     def _state(self) -> plan.ContainerState:
@@ -217,7 +184,7 @@ class SnapshotContainer(StorageTask):
             lower=self.lower,
             upper=self.upper,
             metadata=self.metadata,
-            image=snapshots.snapshot_reference(container, self.stamp),
+            image=snapshots.snapshot_reference(container, self.stamp, qualified=self.qualified),
             output_path=str(output),
             engine=self.engine,
             storage_root=self.storage_root,
@@ -226,6 +193,137 @@ class SnapshotContainer(StorageTask):
             pause=self.pause,
             format=self.format,
         )
+
+
+class ReuseSnapshots(StorageTask):
+    """The snapshots of the containers of a run that did not change since their previous snapshots, in one task
+    (a task per container would cost more than the work: a worker process, a round trip to luigid and an update
+    of index.json each). Each record points at the previous snapshot; in the store, the previous image is named
+    again, all names in one durable update of index.json. Planned by SnapshotAll."""
+
+    stamp: str = luigi.Parameter()
+    container_ids: tuple[str, ...] = luigi.ListParameter(description="the unchanged containers")
+    container_names: tuple[str, ...] = luigi.ListParameter(description="their names (as the engine has them)")
+    reuse_from: tuple[str, ...] = luigi.ListParameter(visibility=HIDDEN)  # each one's previous snapshot
+    qualified: tuple[bool, ...] = luigi.ListParameter(visibility=HIDDEN)  # SnapshotContainer.qualified
+    output_dir: str = luigi.Parameter(visibility=HIDDEN)
+    format: str = luigi.ChoiceParameter(choices=SNAPSHOT_FORMATS, default="store")
+    full_every: int = luigi.IntParameter(default=incremental.DEFAULT_FULL_EVERY, visibility=HIDDEN)
+    push: str = luigi.Parameter(default="", visibility=HIDDEN)
+    planned_at: float = luigi.FloatParameter(default=0.0, significant=False, visibility=HIDDEN)
+
+    def label(self) -> str:
+        return f"{len(self.container_ids)}_unchanged_{self.stamp}"
+
+    def output(self) -> list[DurableTarget]:
+        output_dir = Path(self.output_dir)
+        return [DurableTarget(str(catalog.record_path(output_dir, c, self.stamp))) for c in self.container_ids]
+
+    def complete(self) -> bool:
+        return not self._left()
+
+    def _left(self) -> list[int]:
+        """Which containers still have no record (one pruned by an overlapping run's retention is done)."""
+        output_dir = Path(self.output_dir)
+        return [
+            i
+            for i, c in enumerate(self.container_ids)
+            if not catalog.record_path(output_dir, c, self.stamp).exists()
+            and not catalog.pruned_path(output_dir, c, self.stamp).exists()
+        ]
+
+    def run(self) -> None:
+        started = self.planned_at or time.time()
+        output_dir = Path(self.output_dir)
+        left = self._left()
+        previous = [catalog.read_record(output_dir, self.container_ids[i], self.reuse_from[i]) for i in left]
+        if self.format == "store":
+            store = SnapshotStore(catalog.store_dir(output_dir))
+            created = _stamp_time(self.stamp)
+            reuses = [
+                incremental.Reuse(
+                    before,
+                    snapshots.reference_for(
+                        self.container_names[i], before.container_id, self.stamp, qualified=self.qualified[i]
+                    ),
+                    self.stamp,
+                    created,
+                )
+                for i, before in zip(left, previous, strict=True)
+            ]
+            records = incremental.reuse_snapshots(store, reuses, 0.0)
+            for record in records if self.push else []:
+                _push(store, Path(self.cache_dir), self.push, record.reference)
+        else:
+            records = [catalog.reuse_record(before, self.stamp, 0.0) for before in previous]
+        duration = time.time() - started
+        for record in records:
+            path = catalog.record_path(output_dir, record.container_id, self.stamp)
+            write_bytes_atomic(path, catalog.with_duration(record, duration).to_json())
+        _finish(self, output_dir, [self.container_ids[i] for i in left], "unchanged")
+
+    def on_failure(self, exception: BaseException) -> str:
+        failed = [
+            (self.container_ids[i], self.container_names[i].lstrip("/") or self.container_ids[i][:12])
+            for i in self._left()
+        ]
+        _record_failures(self, failed, exception)
+        return super().on_failure(exception)
+
+
+def _push(store: SnapshotStore, cache_dir: Path, prefix: str, reference: str) -> None:
+    """Push the store's snapshot reference as PREFIX/<name>:<stamp> (--push)."""
+    target = push_target(prefix, reference)
+    assert target.domain is not None
+    incremental.push_snapshot(
+        store,
+        reference,
+        open_registry(target.domain, registry().options()),
+        target,
+        pushed=PushedBlobs.in_cache(cache_dir, target.domain),
+        tags=PushedTags.in_cache(cache_dir, target.domain),
+    )
+
+
+def _finish(
+    task: "SnapshotContainer | ReuseSnapshots", output_dir: Path, container_ids: list[str], status: str
+) -> None:
+    """After a snapshot task wrote its records: their earlier failures cleared, the catalog and metrics rebuilt if
+    another container of the run failed (SnapshotAll, which writes them at the end, will not run), 100%."""
+    for container_id in container_ids:
+        catalog.clear_failure(output_dir, task.stamp, container_id)
+    if catalog.read_failures(output_dir, task.stamp):
+        _rebuild_catalog(output_dir)
+        _write_metrics(output_dir, Path(task.cache_dir), task.stamp)
+    done = catalog.count_records_of_stamp(output_dir, task.stamp)
+    Progress(task).finish(f"{status}, {done} snapshot(s) of {task.stamp} recorded so far")
+
+
+def _record_failures(
+    task: "SnapshotContainer | ReuseSnapshots", failed: list[tuple[str, str]], exception: BaseException
+) -> None:
+    """The catalog and the metrics stay whole whatever fails: SnapshotAll, which writes them too, never runs once
+    a container failed. failed: (container id, name) of each container whose snapshot failed."""
+    output_dir = Path(task.output_dir)
+    try:
+        for container_id, name in failed:
+            catalog.record_failure(output_dir, task.stamp, container_id, name, str(exception))
+        _rebuild_catalog(output_dir)
+        _write_metrics(output_dir, Path(task.cache_dir), task.stamp)
+    except (OSError, PipelineError) as e:
+        log.warning("%s: cannot record the failure in the catalog (%s)", output_dir, e)
+
+
+def _write_metrics(output_dir: Path, cache_dir: Path, stamp: str) -> None:
+    """The run's metrics as far as it got (what SnapshotAll writes at the end of a run without failures)."""
+    records = catalog.read_records_of_stamp(output_dir, stamp)
+    totals = snapshots.measure_run(records, CacheLayout(cache_dir).blob_dir, _PROCESS_STARTED)
+    write_run_metrics(output_dir, stamp, records, totals.new_bytes)
+
+
+def _rebuild_catalog(output_dir: Path) -> None:
+    with catalog.locked(output_dir):
+        catalog.write_index(output_dir)
 
 
 def _stamp_time(stamp: str) -> datetime:
@@ -285,16 +383,16 @@ class SnapshotAll(HostTask):
         description="filled in from [storage] and [commit]: the storage and dirs this run uses",
     )
 
-    def requires(self) -> list[SnapshotContainer]:
+    def requires(self) -> list[luigi.Task]:
         # Planned once per run: each container's state is taken here, and whether it changed since its previous
         # snapshot is decided here, so a run resumed or overlapping with another never mixes two states.
         if self._planned is None:
             self._planned = self._plan()
         return self._planned
 
-    _planned: list[SnapshotContainer] | None = None
+    _planned: list[luigi.Task] | None = None
 
-    def _plan(self) -> list[SnapshotContainer]:
+    def _plan(self) -> list[luigi.Task]:
         settings = _settings()
         # The storage is only ever read: no archive, catalog or cache entry may be written into it.
         plan.check_outside_storage(
@@ -317,25 +415,50 @@ class SnapshotAll(HostTask):
             "push": self.push,
             **settings,
         }
-        tasks = []
+        tasks: list[luigi.Task] = []
+        reuses: list[tuple[Container, str, bool]] = []  # unchanged: (container, previous stamp, qualified)
+        in_store = (
+            SnapshotStore(catalog.store_dir(Path(settings["output_dir"]))).references() if fmt == "store" else set()
+        )
         image_keys: dict[str, str] = {}  # image layers scanned once per run, whichever container shows them first
-        for found in snapshots.select_containers(store, globs, self.state):
+        selected = snapshots.select_containers(store, globs, self.state)
+        shared_names = snapshots.shared_reference_names([c for c in selected if isinstance(c, Container)])
+        for found in selected:
             if isinstance(found, snapshots.Unreadable):
                 tasks.append(SnapshotContainer(container_id=found.container_id, problem=found.error, **shared))
                 continue
+            qualified = snapshots.reference_name(found) in shared_names
             try:
-                tasks.append(self._plan_container(store, found, shared, image_keys))
+                task, previous = self._plan_container(store, found, {**shared, "qualified": qualified}, image_keys)
             except PipelineError as e:  # this container's trouble stays this container's
                 tasks.append(
                     SnapshotContainer(
                         container_id=found.container_id, container_name=_name(found), problem=str(e), **shared
                     )
                 )
+                continue
+            # An unchanged container names its previous snapshot again, if the store still has it.
+            if previous is not None and (fmt != "store" or previous.reference in in_store):
+                reuses.append((found, previous.stamp, qualified))
+            else:
+                tasks.append(task)
+        if reuses:
+            tasks.append(
+                ReuseSnapshots(
+                    container_ids=tuple(c.container_id for c, _, _ in reuses),
+                    container_names=tuple(c.name for c, _, _ in reuses),
+                    reuse_from=tuple(stamp for _, stamp, _ in reuses),
+                    qualified=tuple(q for _, _, q in reuses),
+                    planned_at=time.time(),
+                    **shared,
+                )
+            )
         return tasks
 
     def _plan_container(
         self, store: Any, container: Container, shared: dict[str, Any], image_keys: dict[str, str]
-    ) -> SnapshotContainer:
+    ) -> tuple[SnapshotContainer, catalog.SnapshotRecord | None]:
+        """The container's snapshot task, and its previous snapshot when the container has not changed since."""
         state = plan.read_state(store, container, image_keys=image_keys)
         task = SnapshotContainer(
             container_id=container.container_id,
@@ -349,11 +472,11 @@ class SnapshotAll(HostTask):
         # A snapshot of this state already written for this stamp by a run killed before its record is this
         # snapshot; otherwise an unchanged container reuses its previous snapshot.
         if task.complete() or (task.format != "store" and task.requires()[0].complete()):
-            return task
+            return task, None
         previous = snapshots.find_unchanged(Path(shared["output_dir"]), container, self.stamp(), state)
         if previous is not None and (previous.format == "store") == (task.format == "store"):
-            task = task.clone(reuse_from=previous.stamp)
-        return task
+            return task, previous
+        return task, None
 
     def output(self) -> DurableTarget:
         selection = key_of(self.containers, self.state, self.scope, length=16)
@@ -366,7 +489,7 @@ class SnapshotAll(HostTask):
         # Runs that overlap (two periods, two hosts) take turns here, so one's retention never deletes what the
         # other is reading.
         with catalog.locked(output_dir):
-            records = catalog.read_targets([Path(t.path) for t in self.input()])
+            records = catalog.read_targets([Path(t.path) for t in luigi.task.flatten(self.input())])
             catalog.write_index(output_dir)
             if keep > 0:
                 grace = schedule().gc_grace_minutes * 60
