@@ -288,12 +288,13 @@ def check_run(
             problems.append(f"{stamp}: container {container_id[:12]} has status {record.get('status')!r}, not {want!r}")
         if not Path(str(record.get("archive"))).exists():
             problems.append(f"{stamp}: container {container_id[:12]}'s archive {record.get('archive')} is missing")
-    # The store packs a container's own layer inside SnapshotContainer (which runs for reused snapshots too, to
-    # name them in index.json); the archive formats pack it as a PackContainerLayer task.
+    # The store packs a changed container's own layer inside its SnapshotContainer; the archive formats pack it as
+    # a PackContainerLayer task. The unchanged containers of a run are one ReuseSnapshots task.
+    reused = 1 if len(new) < len(ids) else 0
     if place.image_format == "store":
-        expected = {"PackImageLayer": image_packs, "SnapshotContainer": len(ids)}
+        expected = {"PackImageLayer": image_packs, "SnapshotContainer": len(new), "ReuseSnapshots": reused}
     else:
-        expected = {"PackImageLayer": image_packs, "PackContainerLayer": len(new)}
+        expected = {"PackImageLayer": image_packs, "PackContainerLayer": len(new), "ReuseSnapshots": reused}
     ran = common.read_luigi_summary(log).ran_by_family
     for family, want_runs in expected.items():
         if ran.get(family, 0) != want_runs:

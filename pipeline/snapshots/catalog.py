@@ -145,9 +145,20 @@ def read_records(output_dir: Path, container_id: str | None = None) -> list[Snap
 
 
 def previous_record(output_dir: Path, container_id: str, stamp: str) -> SnapshotRecord | None:
-    """The container's latest snapshot taken before stamp whose archive still exists."""
-    earlier = [r for r in read_records(output_dir, container_id) if r.stamp < stamp and Path(r.archive).exists()]
-    return earlier[-1] if earlier else None
+    """The container's latest snapshot taken before stamp whose archive still exists: records read newest first
+    (a record's file is named by its stamp), so a long history costs no more than a short one."""
+    directory = catalog_dir(output_dir) / "records" / container_id
+    for path in sorted(directory.glob("*.json"), reverse=True):
+        if path.stem >= stamp:
+            continue
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # pruned by retention since it was listed
+            continue
+        record = SnapshotRecord.from_json(data, path)
+        if record.stamp < stamp and Path(record.archive).exists():
+            return record
+    return None
 
 
 def read_record(output_dir: Path, container_id: str, stamp: str) -> SnapshotRecord:
@@ -238,10 +249,26 @@ def read_targets(paths: list[Path]) -> list[SnapshotRecord]:
 
 
 def write_index(output_dir: Path) -> Path:
-    """Rebuild catalog.jsonl from every record, atomically."""
+    """Rebuild catalog.jsonl from every record, atomically: each record's own line (as to_json wrote it), in
+    read_records' order. A record that is not one such line is read in full, so a damaged one fails as there."""
+    root = catalog_dir(output_dir) / "records"
+    lines: list[tuple[tuple[str, str, str], bytes]] = []
+    for path in root.glob("*/*.json"):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # pruned by retention since it was listed
+            continue
+        try:
+            doc = json.loads(data)
+            key = (doc["stamp"], doc["name"], doc["container_id"])
+            if not all(isinstance(k, str) for k in key) or b"\n" in data or data != data.strip():
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            record = SnapshotRecord.from_json(data, path)  # the one-line error, or the record
+            key, data = (record.stamp, record.name, record.container_id), record.to_json()
+        lines.append((key, data))
     path = catalog_dir(output_dir) / INDEX_NAME
-    lines = b"".join(r.to_json() + b"\n" for r in read_records(output_dir))
-    write_bytes_atomic(path, lines)
+    write_bytes_atomic(path, b"".join(data + b"\n" for _, data in sorted(lines)))
     return path
 
 

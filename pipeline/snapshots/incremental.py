@@ -70,6 +70,14 @@ class _Chain:
     index: Path
 
 
+@dataclass(frozen=True)
+class OwnLayer:
+    """A container's own layer packed for its snapshot: whole (chain None) or a delta on chain's snapshot."""
+
+    upper: LayerRecord
+    chain: _Chain | None
+
+
 def take_snapshot(
     store: SnapshotStore,
     cache: LayerCache,
@@ -82,6 +90,21 @@ def take_snapshot(
 ) -> SnapshotRecord:
     """Snapshot a changed container into store (its image layers already packed into cache) and return its
     record: a delta on previous when the chain rule allows, else the container layer packed whole."""
+    own = pack_own_layer(store, cache, request, previous, pausing=pausing, report=report)
+    return store_snapshot(store, cache, storage, request, own)
+
+
+def pack_own_layer(
+    store: SnapshotStore,
+    cache: LayerCache,
+    request: SnapshotRequest,
+    previous: SnapshotRecord | None,
+    *,
+    pausing: Callable[[], AbstractContextManager[object]],
+    report: Callable[[int, int], None],
+) -> OwnLayer:
+    """The first half of take_snapshot, which needs nothing of the image layers (so it can run while they are
+    packed): the chain rule decided and the container's layer packed into cache (once: a second call finds it)."""
 
     def _pack(since: str | None) -> LayerRecord:
         return packing.pack_upper_layer(
@@ -95,19 +118,22 @@ def take_snapshot(
         )
 
     chain = _find_chain(store, cache.layout, request, previous)
-    upper: LayerRecord | None = None
     if chain is not None:
         try:
-            upper = _pack(chain.previous.fingerprint)
+            return OwnLayer(_pack(chain.previous.fingerprint), chain)
         except LayerError as e:  # DeltaNotExpressible, or the index turned out damaged
             log.warning("%s: %s; packing the container's layer whole", request.reference, e)
-            chain = None
-    if chain is None or upper is None:
-        upper = _pack(None)
-        record = _store_full(store, cache, storage, request, upper)
-    else:
-        record = _store_delta(store, cache, storage, request, chain, upper)
-    return record
+    return OwnLayer(_pack(None), None)
+
+
+def store_snapshot(
+    store: SnapshotStore, cache: LayerCache, storage: Storage, request: SnapshotRequest, own: OwnLayer
+) -> SnapshotRecord:
+    """The second half of take_snapshot, once the image layers are packed into cache: the image config and the
+    store entry; the snapshot's record."""
+    if own.chain is None:
+        return _store_full(store, cache, storage, request, own.upper)
+    return _store_delta(store, cache, storage, request, own.chain, own.upper)
 
 
 def drop_superseded_index(

@@ -1,9 +1,11 @@
 """Scheduled batch snapshots: SnapshotAll requires one SnapshotContainer per changed container and one
 ReuseSnapshots for all the unchanged ones.
 
-    SnapshotAll ─> SnapshotContainer* ─> PackImageLayer* (shared)                       (--format store, default)
+    SnapshotAll ─> PackImageLayer* (shared), SnapshotContainer* ┄> PackImageLayer*      (--format store, default)
     SnapshotAll ─> SnapshotContainer* ─> WriteImageArchive                                      (other formats)
     SnapshotAll ─> ReuseSnapshots (every container unchanged since its previous snapshot, in one task)
+
+(┄> a dynamic dependency: a store snapshot packs its container's own layer first, then waits for the image layers.)
 
 With the store, a container's snapshot is one task: its own layer (whole, or a delta on its previous snapshot),
 config and store entry are written by one plain call (snapshots.incremental); only the image layers containers
@@ -12,6 +14,7 @@ share are tasks of their own, so luigi runs each once.
 
 import os
 import time
+from collections.abc import Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -98,11 +101,14 @@ class SnapshotContainer(StorageTask):
         return f"{self.container_name or self.container_id[:12]}_{self.stamp}"
 
     def requires(self) -> list[luigi.Task]:
-        if self.problem:
+        # With the store, the image layers are waited for in run(), after the container's own layer is packed.
+        if self.problem or self.format == "store":
             return []
-        if self.format == "store":
-            return list(image_layer_tasks(self._state().lower, self.host, self.cache_dir, self.clamp_mtime))
         return [self._archive_task()]
+
+    def image_layer_tasks(self) -> list[luigi.Task]:
+        """The packing of the image layers this snapshot refers to (store format), shared with other containers."""
+        return list(image_layer_tasks(self._state().lower, self.host, self.cache_dir, self.clamp_mtime))
 
     def output(self) -> DurableTarget:
         return DurableTarget(str(catalog.record_path(Path(self.output_dir), self.container_id, self.stamp)))
@@ -112,13 +118,13 @@ class SnapshotContainer(StorageTask):
         pruned = catalog.pruned_path(Path(self.output_dir), self.container_id, self.stamp)
         return self.output().exists() or pruned.exists()
 
-    def run(self) -> None:
+    def run(self) -> Iterator[list[luigi.Task]]:
         if self.problem:
             raise StorageError(self.problem)
         started = self.planned_at or time.time()
         output_dir = Path(self.output_dir)
         if self.format == "store":
-            record = self._snapshot_into_store(output_dir)
+            record = yield from self._snapshot_into_store(output_dir)
         else:
             failpoint.reached("snapshot:record")
             container = self.open_storage().read_container(self.container_id)
@@ -139,7 +145,7 @@ class SnapshotContainer(StorageTask):
         _record_failures(self, [(self.container_id, self.container_name or self.container_id[:12])], exception)
         return super().on_failure(exception)
 
-    def _snapshot_into_store(self, output_dir: Path) -> catalog.SnapshotRecord:
+    def _snapshot_into_store(self, output_dir: Path) -> Generator[list[luigi.Task], None, catalog.SnapshotRecord]:
         store = SnapshotStore(catalog.store_dir(output_dir))
         container = self.open_storage().read_container(self.container_id)
         request = incremental.SnapshotRequest(
@@ -154,15 +160,19 @@ class SnapshotContainer(StorageTask):
         cache = LayerCache(Path(self.cache_dir))
         failpoint.reached("snapshot:record")
         markers = CacheLayout(cache.root).freezer_markers
-        record = incremental.take_snapshot(
+        own = incremental.pack_own_layer(
             store,
             cache,
-            self.open_storage(),
             request,
             catalog.previous_record(output_dir, self.container_id, self.stamp),
             pausing=lambda: packing.pause_while_packing(container, markers, enabled=self.pause),
             report=Progress(self),
         )
+        # The container's own layer needs nothing of the image, so it is packed while other workers pack the image
+        # layers (SnapshotAll's first tasks); they are waited for only now. A worker that finds them not yet packed
+        # hands this task back to the scheduler, which runs it again once they are: packing finds its layer done.
+        yield self.image_layer_tasks()
+        record = incremental.store_snapshot(store, cache, self.open_storage(), request, own)
         if self.push:
             _push(store, Path(self.cache_dir), self.push, record.reference)
         return record
@@ -385,9 +395,18 @@ class SnapshotAll(HostTask):
 
     def requires(self) -> list[luigi.Task]:
         # Planned once per run: each container's state is taken here, and whether it changed since its previous
-        # snapshot is decided here, so a run resumed or overlapping with another never mixes two states.
+        # snapshot is decided here, so a run resumed or overlapping with another never mixes two states. The image
+        # layers the store's snapshots share come first (they are scheduled first, at a higher priority, and
+        # each container's task waits for them only after packing its own layer).
         if self._planned is None:
-            self._planned = self._plan()
+            planned = self._plan()
+            layers = {
+                t.task_id: t
+                for task in planned
+                if isinstance(task, SnapshotContainer) and task.format == "store" and not task.problem
+                for t in task.image_layer_tasks()
+            }
+            self._planned = [*layers.values(), *planned]
         return self._planned
 
     _planned: list[luigi.Task] | None = None
@@ -478,6 +497,11 @@ class SnapshotAll(HostTask):
             return task, previous
         return task, None
 
+    def _record_paths(self) -> list[Path]:
+        """The catalog records of the snapshots this run required."""
+        tasks = [t for t in self.requires() if isinstance(t, SnapshotContainer | ReuseSnapshots)]
+        return [Path(target.path) for target in luigi.task.flatten([t.output() for t in tasks])]
+
     def output(self) -> DurableTarget:
         selection = key_of(self.containers, self.state, self.scope, length=16)
         return DurableTarget(str(catalog.run_summary_path(Path(_settings()["output_dir"]), self.stamp(), selection)))
@@ -489,7 +513,7 @@ class SnapshotAll(HostTask):
         # Runs that overlap (two periods, two hosts) take turns here, so one's retention never deletes what the
         # other is reading.
         with catalog.locked(output_dir):
-            records = catalog.read_targets([Path(t.path) for t in luigi.task.flatten(self.input())])
+            records = catalog.read_targets(self._record_paths())
             catalog.write_index(output_dir)
             if keep > 0:
                 grace = schedule().gc_grace_minutes * 60
