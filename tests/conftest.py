@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 IS_ROOT = os.geteuid() == 0
 TOOLS = ("skopeo", "umoci", "podman")  # what @pytest.mark.tools without arguments needs
-DEV_TOOLS = (*TOOLS, "docker-registry")  # the commands ./dev setup installs
+DEV_TOOLS = (*TOOLS, "docker-registry", "promtool", "prometheus-node-exporter")  # what ./dev setup installs
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, TypeVar, cast
 
 from pipeline.errors import PipelineError, SourceChanged
 from pipeline.host import failpoint
@@ -22,6 +22,7 @@ from pipeline.host.atomic import (
     partial_path,
     remove_abandoned_partials,
 )
+from pipeline.host.writeback import WritebackFile
 from pipeline.layer.delta import write_delta
 from pipeline.layer.index import IndexWriter
 from pipeline.layer.tarsplit import TarSplitMismatch, write_layer_from_tarsplit
@@ -248,7 +249,7 @@ class LayerCache:
         try:
             with open(temp, "wb", buffering=_BUFFER) as f:
                 failpoint.reached(f"{step}:started")
-                result = write(f)
+                result = write(cast(BinaryIO, WritebackFile(f)))  # its pages head for the disk as it grows
                 f.flush()
                 os.fsync(f.fileno())
             failpoint.reached(f"{step}:before-rename")
