@@ -412,10 +412,10 @@ class SnapshotPlace:
         return [self.store / "blobs", self.out / "snapshots", self.cache / "blobs"]
 
     def argv(self, stamp: str) -> list[str]:
+        """`pipeline-run SnapshotAll ...`, as the systemd unit (config/systemd/pipeline-snapshot.service) runs it:
+        luigi's command line with --module pipeline."""
         return [
-            str(self.luigi),
-            "--module",
-            "pipeline",
+            str(self.luigi.parent / "pipeline-run"),
             "SnapshotAll",
             "--snapshot",
             stamp,

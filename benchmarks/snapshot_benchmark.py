@@ -16,7 +16,8 @@ medians are reported with the min-max spread of the total time:
   deleted after it is measured (outside the timing) to bound disk use. One sync before the fleet, none between
   its containers. --original-containers K times it on the first K containers only (its per-container time is
   what the ratios use).
-- "F cold": `luigi --module pipeline SnapshotAll --format F --workers N` with empty output and cache dirs.
+- "F cold": `pipeline-run SnapshotAll --format F --workers N` (luigi's command line with --module pipeline, as the
+  systemd unit runs it) with empty output and cache dirs.
 - "F unchanged": SnapshotAll again with the next period's stamp and nothing changed. It must write no layer or
   archive bytes; if it does, the files are listed and the script exits 1.
 - "F 1 changed" (unless --skip-changed): one container gets a new file, then SnapshotAll with a third stamp (in

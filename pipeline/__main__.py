@@ -6,7 +6,13 @@ from pipeline import cli, demo
 from pipeline.host import freezer
 from pipeline.snapshots import catalog, export
 
-COMMANDS = {"demo": demo.main, "export": export.main, "run": cli.main, "snapshots": catalog.main, "thaw": freezer.main}
+COMMANDS = {
+    "demo": demo.main,
+    "export": export.main,
+    "run": cli.console_main,
+    "snapshots": catalog.main,
+    "thaw": freezer.main,
+}
 
 
 def main() -> int:

@@ -21,6 +21,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from typing import NoReturn
 
 import luigi
 import luigi.cmdline_parser
@@ -101,6 +102,8 @@ def _unreachable_scheduler(args: list[str]) -> str | None:
     One request (luigid's cheap has_task_history), one attempt: luigi's own client retries every call
     ([core] rpc_retry_attempts, rpc_retry_wait: a minute by default) before it gives up with a traceback.
     """
+    if _given(args, "--local-scheduler"):
+        return None  # in-process: no luigid to ask, and no parser to build for it (luigi builds three per run)
     try:
         with luigi.cmdline_parser.CmdlineParser.global_instance(args):
             core = luigi.interface.core()
@@ -132,6 +135,18 @@ def _run_once(args: list[str]) -> int:
 def _root_complete(args: list[str]) -> bool:
     with luigi.cmdline_parser.CmdlineParser.global_instance(args) as parser:
         return bool(parser.get_task_obj().complete())
+
+
+def console_main(argv: list[str] | None = None) -> NoReturn:
+    """main() as the command line runs it (pipeline-run, python -m pipeline run): once luigi has returned, every
+    task process is joined and every file closed, so the process exits at once after flushing its logs and
+    streams, without the interpreter's teardown of every object and module (about 0.13 s of an unchanged
+    snapshot run's 0.9 s, measured)."""
+    code = main(argv)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
