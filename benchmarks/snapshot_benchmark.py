@@ -291,15 +291,22 @@ def check_run(
             problems.append(f"{stamp}: container {container_id[:12]}'s archive {record.get('archive')} is missing")
     # The store packs a changed container's own layer inside its SnapshotContainer; the archive formats pack it as
     # a PackContainerLayer task. The unchanged containers of a run are one ReuseSnapshots task.
+    # A store snapshot's task that packed its own layer before the image layers were packed is handed back to the
+    # scheduler and runs again (a luigi dynamic dependency): luigi counts both runs.
     reused = 1 if len(new) < len(ids) else 0
+    expected: dict[str, tuple[int, int]] = {
+        "PackImageLayer": (image_packs, image_packs),
+        "ReuseSnapshots": (reused, reused),
+    }
     if place.image_format == "store":
-        expected = {"PackImageLayer": image_packs, "SnapshotContainer": len(new), "ReuseSnapshots": reused}
+        expected["SnapshotContainer"] = (len(new), 2 * len(new))
     else:
-        expected = {"PackImageLayer": image_packs, "PackContainerLayer": len(new), "ReuseSnapshots": reused}
+        expected["PackContainerLayer"] = (len(new), len(new))
     ran = common.read_luigi_summary(log).ran_by_family
-    for family, want_runs in expected.items():
-        if ran.get(family, 0) != want_runs:
-            problems.append(f"{stamp}: {log} shows {ran.get(family, 0)} {family} run(s), expected {want_runs}")
+    for family, (least, most) in expected.items():
+        if not least <= ran.get(family, 0) <= most:
+            want = least if least == most else f"{least} to {most}"
+            problems.append(f"{stamp}: {log} shows {ran.get(family, 0)} {family} run(s), expected {want}")
     return problems
 
 

@@ -14,7 +14,7 @@ from pipeline.host.atomic import write_bytes_atomic
 from pipeline.image.imageconfig import EMPTY_LAYER_DIFF_ID
 from pipeline.layer.delta import build_lower_lookup
 from pipeline.layer.index import IndexUnavailable
-from pipeline.layer.writer import LayerRecord, encode_record, read_record, scan_layer
+from pipeline.layer.writer import LayerRecord, LayerScan, encode_record, read_record, scan_layer
 from pipeline.plan import ContainerState, upper_key
 from pipeline.store.cache import LayerCache
 
@@ -71,15 +71,22 @@ def pack_image_layer(
     *,
     clamp_mtime: int | None,
     report: Callable[[int, int], None],
+    planned: LayerScan | None = None,
 ) -> LayerRecord:
     """An image layer's blob: its original tar reassembled from tar-split when the engine kept one (so the
-    image shares the base layer's diff_id and registries deduplicate it), else the directory packed."""
+    image shares the base layer's diff_id and registries deduplicate it), else the directory packed (planned:
+    the scan planning took of it, whose fingerprint names its record, so it is not walked twice)."""
     if layer.tar_split is not None and layer.diff_id:
         record = cache.reassemble_layer(layer.layer_dir, layer.tar_split, layer.diff_id)
         if record is not None:
             return record
     return pack_scanned_layer(
-        cache, layer.layer_dir, clamp_mtime=clamp_mtime, report=report, overlay_xattrs=layer.overlay_xattrs
+        cache,
+        layer.layer_dir,
+        clamp_mtime=clamp_mtime,
+        report=report,
+        overlay_xattrs=layer.overlay_xattrs,
+        scan=planned,
     )
 
 
@@ -91,13 +98,15 @@ def pack_scanned_layer(
     report: Callable[[int, int], None],
     overlay_xattrs: str = "trusted",
     since: "Since | None" = None,
+    scan: LayerScan | None = None,
 ) -> LayerRecord:
-    """Scan layer_dir (fingerprint and size), then pack it, reporting (bytes done, bytes expected) as it goes.
+    """Scan layer_dir (fingerprint and size; unless given the scan already taken), then pack it, reporting
+    (bytes done, bytes expected) as it goes.
 
     The fingerprint is taken before packing, so a layer changed meanwhile never looks unchanged later. since:
     record the entry index of the state packed, and pack only what changed since an earlier one (Since).
     """
-    scan = scan_layer(layer_dir)
+    scan = scan or scan_layer(layer_dir)
     record = cache.pack_layer(
         layer_dir,
         clamp_mtime=clamp_mtime,

@@ -15,7 +15,7 @@ from pipeline.errors import OutputError, PipelineError
 from pipeline.image.dockerfile import apply_changes
 from pipeline.image.imageconfig import digest_of
 from pipeline.image.reference import Reference, build_reference_from_name, parse_reference
-from pipeline.layer.writer import scan_layer
+from pipeline.layer.writer import LayerScan, scan_layer
 from pipeline.store import compression
 
 log = logging.getLogger(__name__)
@@ -37,16 +37,27 @@ class LayerSource:
     tar_split: str = ""
     diff_id: str = ""
     overlay_xattrs: str = "trusted"
+    planned_bytes: int = 0  # an image layer scanned when planned: its file bytes (the scan need not be redone)
 
     def as_param(self) -> tuple[str, ...]:
-        # overlay_xattrs only when it is not the default, so the tasks of rootful storage keep the ids they had.
-        extra = () if self.overlay_xattrs == "trusted" else (self.overlay_xattrs,)
+        # The optional fields only when set, so the tasks of rootful storage keep the ids they had.
+        extra: tuple[str, ...] = () if self.overlay_xattrs == "trusted" else (self.overlay_xattrs,)
+        if self.planned_bytes:
+            extra = (self.overlay_xattrs, str(self.planned_bytes))
         return (self.layer_dir, self.key, self.tar_split, self.diff_id, *extra)
 
     @classmethod
     def from_param(cls, value: Sequence[str]) -> "LayerSource":
         layer_dir, key, tar_split, diff_id, *extra = value
-        return cls(layer_dir, key, tar_split, diff_id, *extra)
+        overlay_xattrs = extra[0] if extra else "trusted"
+        return cls(layer_dir, key, tar_split, diff_id, overlay_xattrs, int(extra[1]) if len(extra) > 1 else 0)
+
+    def planned_scan(self) -> LayerScan | None:
+        """The scan of an image layer taken when the run was planned (its fingerprint is in the key), if any."""
+        head, sep, digest = self.key.rpartition(":sha256:")
+        if not self.planned_bytes or not sep or not head.startswith("dir:"):
+            return None
+        return LayerScan("sha256:" + digest, 0, self.planned_bytes)
 
 
 @dataclass(frozen=True)
@@ -61,26 +72,39 @@ class ContainerState:
 
 
 def read_state(
-    storage: Storage, container: Container, config_file: str = "", image_keys: dict[str, str] | None = None
+    storage: Storage,
+    container: Container,
+    config_file: str = "",
+    image_keys: dict[str, tuple[str, int]] | None = None,
 ) -> ContainerState:
     """The container's state at this moment (metadata walks only; no file content is read). image_keys, if
     given, holds the keys of image layers already scanned in this run (real path: key) and gets the new ones: the
     containers of a fleet share their image layers, which need scanning once per run, not once per container."""
     known = {} if image_keys is None else image_keys
 
-    def image_layer_key(layer_dir: Path) -> str:
+    def image_layer_key(layer_dir: Path) -> tuple[str, int]:
         real = os.path.realpath(layer_dir)
         if real not in known:
-            known[real] = f"dir:{real}:{scan_layer(layer_dir).fingerprint}"
+            scan = scan_layer(layer_dir)
+            known[real] = (f"dir:{real}:{scan.fingerprint}", scan.file_bytes)
         return known[real]
 
     lower = tuple(
         LayerSource(
             str(layer.layer_dir),
-            layer.diff_id or image_layer_key(layer.layer_dir),
+            layer.diff_id,
             str(layer.tar_split or ""),
             layer.diff_id,
             layer.overlay_xattrs,
+        )
+        if layer.diff_id
+        else LayerSource(
+            str(layer.layer_dir),
+            image_layer_key(layer.layer_dir)[0],
+            str(layer.tar_split or ""),
+            layer.diff_id,
+            layer.overlay_xattrs,
+            image_layer_key(layer.layer_dir)[1],
         )
         for layer in container.lower_layers
     )

@@ -83,6 +83,8 @@ class PackImageLayer(_LayerTask):
 
     tar_split: str = luigi.Parameter(default="", visibility=HIDDEN)
     original_diff_id: str = luigi.Parameter(default="", visibility=HIDDEN)
+    # The file bytes of the scan planning took (LayerSource.planned_bytes): that scan is not taken again.
+    planned_bytes: int = luigi.IntParameter(default=0, significant=False, visibility=HIDDEN)
     # Shared image layers first: every commit and snapshot of the containers on that image waits for them.
     priority = 10
 
@@ -98,7 +100,10 @@ class PackImageLayer(_LayerTask):
             diff_id=self.original_diff_id,
             overlay_xattrs=self.overlay_xattrs,
         )
-        return packing.pack_image_layer(cache, layer, clamp_mtime=self.clamp_mtime, report=Progress(self))
+        source = plan.LayerSource(self.layer_dir, self.source_key, planned_bytes=self.planned_bytes)
+        return packing.pack_image_layer(
+            cache, layer, clamp_mtime=self.clamp_mtime, report=Progress(self), planned=source.planned_scan()
+        )
 
 
 class PackContainerLayer(_LayerTask, StorageTask):
@@ -509,6 +514,7 @@ def image_layer_tasks(
             tar_split=s.tar_split,
             original_diff_id=s.diff_id,
             overlay_xattrs=s.overlay_xattrs,
+            planned_bytes=s.planned_bytes,
         )
         for s in lower
     ]

@@ -439,7 +439,9 @@ class SnapshotAll(HostTask):
         in_store = (
             SnapshotStore(catalog.store_dir(Path(settings["output_dir"]))).references() if fmt == "store" else set()
         )
-        image_keys: dict[str, str] = {}  # image layers scanned once per run, whichever container shows them first
+        image_keys: dict[
+            str, tuple[str, int]
+        ] = {}  # image layers scanned once per run, whichever container shows them first
         selected = snapshots.select_containers(store, globs, self.state)
         shared_names = snapshots.shared_reference_names([c for c in selected if isinstance(c, Container)])
         for found in selected:
@@ -475,7 +477,7 @@ class SnapshotAll(HostTask):
         return tasks
 
     def _plan_container(
-        self, store: Any, container: Container, shared: dict[str, Any], image_keys: dict[str, str]
+        self, store: Any, container: Container, shared: dict[str, Any], image_keys: dict[str, tuple[str, int]]
     ) -> tuple[SnapshotContainer, catalog.SnapshotRecord | None]:
         """The container's snapshot task, and its previous snapshot when the container has not changed since."""
         state = plan.read_state(store, container, image_keys=image_keys)
