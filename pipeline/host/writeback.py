@@ -64,6 +64,13 @@ class WritebackFile:
     def tell(self) -> int:
         return self._out.tell()
 
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Move as the file does (after a clone appended data not written here); what lies behind is not
+        requested again."""
+        position = self._out.seek(offset, whence)
+        self._written = self._requested = position - self._start
+        return position
+
     def __getattr__(self, name: str) -> Any:  # anything else a writer asks of its file
         return getattr(self._out, name)
 

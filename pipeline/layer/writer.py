@@ -20,6 +20,7 @@ from typing import Any, BinaryIO, assert_never
 
 from pipeline import jsoncheck
 from pipeline.errors import LayerError, SourceChanged
+from pipeline.host import reflink
 from pipeline.layer import tarheader, whiteout
 from pipeline.layer.index import IndexWriter
 from pipeline.layer.tarheader import Header
@@ -70,17 +71,46 @@ class LayerRecord:
 
 
 class HashingSink:
-    """Forwards writes to a file while hashing and counting them."""
+    """Forwards writes to a file while hashing and counting them; where out is a regular file, also shares a
+    source file's extents into it (clone_from)."""
 
     def __init__(self, out: BinaryIO) -> None:
         self._out = out
         self._hash = hashlib.sha256()
         self.size = 0
+        self._fd = _regular_fd(out)
+        self._start = out.tell() if self._fd is not None else 0
 
     def write(self, data: bytes | memoryview) -> None:
         self._hash.update(data)
         self._out.write(data)
         self.size += len(data)
+
+    def clone_from(self, src_fd: int, count: int) -> bool:
+        """Append the first count bytes of src_fd by sharing its extents (host.reflink), hashing them as read
+        back from out itself, so the digest is of what out holds whatever src does meanwhile; False (nothing
+        appended) where out is no regular file, the offset is not aligned or the filesystem refuses."""
+        offset = self._start + self.size
+        if self._fd is None or offset % tarheader.ALIGNMENT:
+            return False
+        self._out.flush()
+        if not reflink.clone_range(src_fd, 0, count, self._fd, offset):
+            return False
+        read_fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            buf = memoryview(bytearray(_CHUNK))
+            done = 0
+            while done < count:
+                n = os.preadv(read_fd, [buf[: min(count - done, _CHUNK)]], offset + done)
+                if not n:
+                    raise OSError(errno.EIO, f"{count} bytes cloned at {offset}, {done} read back")
+                self._hash.update(buf[:n])
+                done += n
+        finally:
+            os.close(read_fd)
+        self._out.seek(offset + count)
+        self.size += count
+        return True
 
     def record(self) -> LayerRecord:
         return LayerRecord(diff_id="sha256:" + self._hash.hexdigest(), size=self.size)
@@ -238,17 +268,18 @@ def _write_file(
         if (st.st_ino, st.st_dev) != (entry.st.st_ino, entry.st.st_dev):
             raise SourceChanged(f"{what}: replaced while the layer was packed")
         size = st.st_size
-        sink.write(
-            tarheader.build_header(
-                Header(entry.tar_name, tarheader.REGULAR, st.st_mode, size=size, xattrs=xattrs, **common)
-            )
-        )
+        aligned = size >= tarheader.ALIGN_DATA_FROM
+        header = Header(entry.tar_name, tarheader.REGULAR, st.st_mode, size=size, xattrs=xattrs, **common)
+        sink.write(tarheader.build_header(header, align_at=sink.size if aligned else None))
         with open(fd, "rb", buffering=0, closefd=False) as f:
-            if st.st_blocks * 512 < size:
+            # Shared, not copied, where the filesystem can: the clone is of one state of the file, and growth
+            # since shows in the size checked below.
+            cloned = aligned and sink.clone_from(fd, size)
+            if not cloned and st.st_blocks * 512 < size:
                 _copy_sparse(sink, f, fd, size, what)
-            else:
+            elif not cloned:
                 _copy_range(sink, f, size, what)
-            if f.read(1):
+            if not cloned and f.read(1):
                 raise SourceChanged(f"{what}: grew while the layer was packed")
         after = os.fstat(fd)
         if (after.st_size, after.st_mtime_ns) != (size, st.st_mtime_ns):
@@ -256,6 +287,15 @@ def _write_file(
     finally:
         os.close(fd)
     sink.write(tarheader.padding(size))
+
+
+def _regular_fd(out: BinaryIO) -> int | None:
+    """out's descriptor when it is a seekable regular file (what a clone can extend), else None."""
+    try:
+        fd = out.fileno()
+        return fd if stat.S_ISREG(os.fstat(fd).st_mode) and out.seekable() else None
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _copy_range(sink: HashingSink, f: BinaryIO, count: int, what: str) -> None:
