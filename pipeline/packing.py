@@ -137,13 +137,21 @@ def pack_container_layer(
     report: Callable[[int, int], None],
     overlay_xattrs: str = "trusted",
     since: Since | None = None,
+    planned: LayerScan | None = None,
 ) -> LayerRecord:
     """The container's upper dir packed, its fingerprint taken before packing and again after, so the record
     describes one state of the container: an entry added, removed or rewritten meanwhile (even one packing had
-    already passed) makes the layer be packed once more, and a second change is an error."""
+    already passed) makes the layer be packed once more, and a second change is an error. planned: the scan
+    planning took, which serves as the first "before" (equal after packing, nothing changed since planning)."""
     for attempt in (1, 2):
         record = pack_scanned_layer(
-            cache, layer_dir, clamp_mtime=clamp_mtime, report=report, overlay_xattrs=overlay_xattrs, since=since
+            cache,
+            layer_dir,
+            clamp_mtime=clamp_mtime,
+            report=report,
+            overlay_xattrs=overlay_xattrs,
+            since=since,
+            scan=planned if attempt == 1 else None,
         )
         if scan_layer(layer_dir).fingerprint == record.fingerprint:
             return record
@@ -191,6 +199,7 @@ def pack_upper_layer(
             report=report,
             overlay_xattrs=upper.overlay_xattrs,
             since=indexing,
+            planned=upper.planned_scan(),
         )
 
     pack_into_cache(cache, record_path, pack, pausing=pausing, step="pack:PackContainerLayer")

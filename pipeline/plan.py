@@ -37,7 +37,7 @@ class LayerSource:
     tar_split: str = ""
     diff_id: str = ""
     overlay_xattrs: str = "trusted"
-    planned_bytes: int = 0  # an image layer scanned when planned: its file bytes (the scan need not be redone)
+    planned_bytes: int = 0  # a layer scanned when planned: its file bytes (with the key's fingerprint, that scan)
 
     def as_param(self) -> tuple[str, ...]:
         # The optional fields only when set, so the tasks of rootful storage keep the ids they had.
@@ -53,9 +53,9 @@ class LayerSource:
         return cls(layer_dir, key, tar_split, diff_id, overlay_xattrs, int(extra[1]) if len(extra) > 1 else 0)
 
     def planned_scan(self) -> LayerScan | None:
-        """The scan of an image layer taken when the run was planned (its fingerprint is in the key), if any."""
+        """The scan of the layer taken when the run was planned (its fingerprint is in the key), if any."""
         head, sep, digest = self.key.rpartition(":sha256:")
-        if not self.planned_bytes or not sep or not head.startswith("dir:"):
+        if not self.planned_bytes or not sep or not head.startswith(("dir:", "upper:")):
             return None
         return LayerScan("sha256:" + digest, 0, self.planned_bytes)
 
@@ -109,10 +109,12 @@ def read_state(
         for layer in container.lower_layers
     )
     upper_dir = container.upper_layer.layer_dir
+    upper_scan = scan_layer(upper_dir)
     upper = LayerSource(
         str(upper_dir),
-        upper_key(container.container_id, scan_layer(upper_dir).fingerprint),
+        upper_key(container.container_id, upper_scan.fingerprint),
         overlay_xattrs=container.upper_layer.overlay_xattrs,
+        planned_bytes=upper_scan.file_bytes,
     )
     layers = ("lower_layers", "upper_layer")  # keyed above, by content
     settings = {k: v for k, v in asdict(container).items() if k not in ("running", "pid", *layers)}

@@ -19,7 +19,7 @@ from pipeline import assembly, packing, plan
 from pipeline.engines import open_storage
 from pipeline.engines.container import Layer
 from pipeline.errors import LayerError, OutputError
-from pipeline.host import failpoint
+from pipeline.host import failpoint, terminal
 from pipeline.host.atomic import write_bytes_atomic
 from pipeline.image.archive import read_member
 from pipeline.image.imageconfig import CommitOptions, digest_of
@@ -540,7 +540,8 @@ def commit_params(resolved: plan.CommitPlan, engine: str, root: str, pause: bool
 
 class Progress:
     """Reports work to luigid's web UI: a percentage and "<what>: N of M MiB <verb>", at most once a second, and
-    100% when done (a finished task must not keep showing 99%)."""
+    100% when done (a finished task must not keep showing 99%); and, on a terminal, to the person watching
+    (host.terminal: a line per task on stderr with the rate and the time left)."""
 
     def __init__(self, task: luigi.Task, verb: str = "packed") -> None:
         self._task = task
@@ -548,13 +549,18 @@ class Progress:
         self._last = 0.0
 
     def __call__(self, done: int, total: int) -> None:
+        terminal.update(self._task.task_id, self._what(), done, total, verb=self._verb)
         now = time.monotonic()
         if now - self._last >= 1.0:
             self._last = now
             self._report(min(99, done * 100 // max(total, 1)), f"{done / MIB:.1f} of {max(total, done) / MIB:.1f} MiB")
 
     def finish(self, summary: str = "done") -> None:
+        terminal.finish(self._task.task_id)
         self._report(100, summary)
+
+    def _what(self) -> str:
+        return self._task.label() if isinstance(self._task, HostTask) else self._task.task_family
 
     def _report(self, percent: int, text: str) -> None:
         # The worker installs these callbacks before run(); outside a worker they are None.
@@ -562,7 +568,7 @@ class Progress:
         set_message = self._task.set_status_message
         if set_percentage is not None and set_message is not None:
             set_percentage(percent)
-            what = self._task.label() if isinstance(self._task, HostTask) else self._task.task_family
+            what = self._what()
             set_message(f"{what}: {text} {self._verb}" if percent < 100 else f"{what}: {text}")
 
 
