@@ -148,8 +148,9 @@ class _Delta:
         directory walked is the next one in the index once those of the directories before it are skipped."""
         dirs = OpenDirs(root_fd, self._layer_dir)
         try:
-            listing = self._list(root_fd, b"")
-            levels = [self._level(b"", root, listing, self._previous.read_listing(), whole=False, lower_hidden=False)]
+            earlier_root = self._previous.read_listing()
+            listing = self._list(root_fd, b"", earlier_root)
+            levels = [self._level(b"", root, listing, earlier_root, whole=False, lower_hidden=False)]
             while levels:
                 level = levels[-1]
                 if not level.steps:
@@ -175,7 +176,7 @@ class _Delta:
                 if stat.S_ISDIR(entry.st.st_mode):
                     earlier = self._earlier_listing(level, step)
                     dirs.enter(entry.name, entry.st, level.prefix)
-                    listing = self._list(dirs.fd, tar_name)
+                    listing = self._list(dirs.fd, tar_name, earlier)
                     hidden = level.lower_hidden or isinstance(entry.conversion, whiteout.OpaqueDirectory)
                     levels.append(
                         self._level(tar_name, entry.st, listing, earlier, whole=step.whole, lower_hidden=hidden)
@@ -207,8 +208,23 @@ class _Delta:
                     " layers would make two files of one; pack the layer whole"
                 )
 
-    def _list(self, fd: int, prefix: bytes) -> list[Entry]:
-        listing = list_dir(fd, self._layer_dir, prefix, self._overlay_xattrs)
+    def _list(self, fd: int, prefix: bytes, earlier: list[IndexEntry] | None = None) -> list[Entry]:
+        """The directory's listing; an entry whose signature is the one earlier recorded is unchanged, so it is
+        what it was then, and its xattrs are not read (a delta's walk costs what changed, not the tree)."""
+        known = None
+        if earlier:
+            before = {e.own_name: e for e in earlier}
+
+            def known(name: bytes, st: os.stat_result) -> whiteout.Conversion | None:
+                was = before.get(name)
+                if was is None or was.signature != signature_of(st) or was.is_dir != stat.S_ISDIR(st.st_mode):
+                    return None
+                if was.kind == WHITEOUT:
+                    return whiteout.Whiteout(whiteout.WHITEOUT_PREFIX + name)
+                # Not written (unchanged): the xattrs it keeps are not needed, only what it is.
+                return (whiteout.OpaqueDirectory if was.opaque else whiteout.Plain)(name, {})
+
+        listing = list_dir(fd, self._layer_dir, prefix, self._overlay_xattrs, known=known)
         if self._index is not None:
             self._index.add_listing(listing)
         return listing

@@ -265,9 +265,18 @@ def _check_same_dir(fd: int, ident: tuple[int, int], layer_dir: Path, rel: bytes
         raise SourceChanged(f"{describe(layer_dir, rel)}: replaced or moved while the layer was packed")
 
 
-def list_dir(fd: int, layer_dir: Path, prefix: bytes, overlay_xattrs: str | None) -> list[Entry]:
+def list_dir(
+    fd: int,
+    layer_dir: Path,
+    prefix: bytes,
+    overlay_xattrs: str | None,
+    *,
+    known: Callable[[bytes, os.stat_result], whiteout.Conversion | None] | None = None,
+) -> list[Entry]:
     """The entries of the directory open as fd (whose tar path is prefix), each converted, sorted by tar name
-    (relative to the directory)."""
+    (relative to the directory). known, if given, answers for an entry (name, lstat) the conversion an earlier
+    walk made of it when its lstat says it has not changed since (the ctime moves with any change, xattrs
+    included): its xattrs are not read again."""
     entries = []
     try:
         text_names = os.listdir(fd)
@@ -280,9 +289,11 @@ def list_dir(fd: int, layer_dir: Path, prefix: bytes, overlay_xattrs: str | None
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError as e:
             raise SourceChanged(describe(layer_dir, prefix + name) + ": vanished while the layer was packed") from e
-        xattrs = _read_xattrs(fd, name, layer_dir, prefix)
-        # Converted here rather than when written: a whiteout's tar name, not its own, decides where it sorts.
-        conversion = whiteout.convert(where + name, st, xattrs, overlay_xattrs)
+        conversion = known(name, st) if known is not None else None
+        if conversion is None:
+            xattrs = _read_xattrs(fd, name, layer_dir, prefix)
+            # Converted here rather than when written: a whiteout's tar name, not its own, decides where it sorts.
+            conversion = whiteout.convert(where + name, st, xattrs, overlay_xattrs)
         # Directories sort as "name/" so that a walk in this order is also ordered by full tar path.
         tar_name = conversion.name + (b"/" if stat.S_ISDIR(st.st_mode) else b"")
         entries.append(Entry(tar_name, name, st, conversion))
