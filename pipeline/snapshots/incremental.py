@@ -78,22 +78,6 @@ class OwnLayer:
     chain: _Chain | None
 
 
-def take_snapshot(
-    store: SnapshotStore,
-    cache: LayerCache,
-    storage: Storage,
-    request: SnapshotRequest,
-    previous: SnapshotRecord | None,
-    *,
-    pausing: Callable[[], AbstractContextManager[object]],
-    report: Callable[[int, int], None],
-) -> SnapshotRecord:
-    """Snapshot a changed container into store (its image layers already packed into cache) and return its
-    record: a delta on previous when the chain rule allows, else the container layer packed whole."""
-    own = pack_own_layer(store, cache, request, previous, pausing=pausing, report=report)
-    return store_snapshot(store, cache, storage, request, own)
-
-
 def pack_own_layer(
     store: SnapshotStore,
     cache: LayerCache,
@@ -103,8 +87,9 @@ def pack_own_layer(
     pausing: Callable[[], AbstractContextManager[object]],
     report: Callable[[int, int], None],
 ) -> OwnLayer:
-    """The first half of take_snapshot, which needs nothing of the image layers (so it can run while they are
-    packed): the chain rule decided and the container's layer packed into cache (once: a second call finds it)."""
+    """The first half of a changed container's snapshot, which needs nothing of the image layers (so it can run
+    while they are packed): the chain rule decided (a delta on previous when it allows, else the container layer
+    whole) and the container's layer packed into cache (once: a second call finds it)."""
 
     def _pack(since: str | None) -> LayerRecord:
         return packing.pack_upper_layer(
@@ -129,8 +114,8 @@ def pack_own_layer(
 def store_snapshot(
     store: SnapshotStore, cache: LayerCache, storage: Storage, request: SnapshotRequest, own: OwnLayer
 ) -> SnapshotRecord:
-    """The second half of take_snapshot, once the image layers are packed into cache: the image config and the
-    store entry; the snapshot's record."""
+    """The second half, once the image layers are packed into cache: the image config and the store entry; the
+    snapshot's record."""
     if own.chain is None:
         return _store_full(store, cache, storage, request, own.upper)
     return _store_delta(store, cache, storage, request, own.chain, own.upper)
