@@ -191,10 +191,11 @@ def mark_built(home: Path, wanted: dict[str, object], files: int, written: int, 
     print(f"storage: {files} files, {written / MB:.0f} MB in {time.perf_counter() - start:.1f}s")
 
 
-def ensure_storage(workdir: Path, scale: float) -> Path:
-    """The storage root for scale under workdir: reused when complete, else (re)built; returns the root."""
-    home = workdir / f"storage-scale{scale:g}"
-    wanted: dict[str, object] = {"version": STORAGE_VERSION, "scale": scale}
+def ensure_storage(workdir: Path, scale: float, big_file: int = 0) -> Path:
+    """The storage root for scale under workdir: reused when complete, else (re)built; returns the root. big_file:
+    the container also holds one file of that many random bytes (data/model.bin: a model, a dataset)."""
+    home = workdir / (f"storage-scale{scale:g}" + (f"-big{big_file}" if big_file else ""))
+    wanted: dict[str, object] = {"version": STORAGE_VERSION, "scale": scale, "big_file": big_file}
     if reuse_built(home, wanted):
         return home / "root"
     print(f"storage: building {home / 'root'} at scale {scale:g} ...", flush=True)
@@ -204,6 +205,13 @@ def ensure_storage(workdir: Path, scale: float) -> Path:
     container_diff = root / "overlay2" / CONTAINER_ID / "diff"
     container_diff.mkdir(parents=True)
     n, size = build_container_layer(container_diff, scale)
+    if big_file:
+        (container_diff / "data").mkdir(exist_ok=True)
+        with open(container_diff / "data" / "model.bin", "wb") as f:
+            rng = random.Random(big_file)
+            for left in range(big_file, 0, -(8 << 20)):
+                f.write(rng.randbytes(min(left, 8 << 20)))
+        n, size = n + 1, size + big_file
     (root / "overlay2" / CONTAINER_ID / "lower").write_text(f"{BASE_ID}/diff:{MID_ID}/diff")
     write_container_config(root, CONTAINER_ID, "commit-benchmark")
     mark_built(home, wanted, files + n, written + size, start)

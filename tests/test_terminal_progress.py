@@ -21,23 +21,30 @@ from tests.support.overlay_storage import build_rocker_storage
 CLOSING = re.compile(r"\r([^\r\n]+): (\d+\.\d) MiB (packed|written) in (\d+\.\d) s \((\d+\.\d) MiB/s\)\x1b\[K\n")
 
 
+def _read_all(parent: int) -> bytes:
+    """Everything written to the terminal whose other side is parent, once every writer closed it (one read may
+    return only part); closes parent."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(parent, 65536)
+        except OSError:  # EIO: every writer of the terminal is gone and all was read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(parent)
+    return b"".join(chunks)
+
+
 def _run_on_a_terminal(argv: list[str]) -> tuple[int, str]:
     """Run argv with stderr (only) on a new pseudo-terminal; its exit code and what it drew there."""
     parent, child = pty.openpty()
     env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
     process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=child)
     os.close(child)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(parent, 65536)
-        except OSError:  # EIO: every writer of the terminal is gone
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(parent)
-    return process.wait(timeout=300), b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+    drawn = _read_all(parent)
+    return process.wait(timeout=300), drawn.decode(errors="replace").replace("\r\n", "\n")
 
 
 @pytest.mark.overlay
@@ -80,8 +87,7 @@ def test_the_line_is_redrawn_at_most_five_times_a_second(monkeypatch: pytest.Mon
             terminal.update("k", "layer", calls, 1 << 30)
             calls += 1
         terminal.finish("k")
-    drawn = os.read(parent, 1 << 20).decode()
-    os.close(parent)
+    drawn = _read_all(parent).decode()
     redraws = drawn.count(" left\x1b[K")
     assert calls > 100 and 1 <= redraws <= 4, (calls, redraws)
     assert drawn.endswith("\x1b[K\r\n") and "MiB packed in 0." in drawn

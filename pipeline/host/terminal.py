@@ -43,11 +43,8 @@ def update(key: str, label: str, done: int, total: int, *, verb: str = "packed")
         return
     line.drawn = now
     rate = done / max(now - line.started, 1e-3)
-    left = (line.total - done) / rate if rate > 0 else 0.0
-    _draw(
-        f"{label}: {done / MIB:.1f} of {line.total / MIB:.1f} MiB {verb}, {rate / MIB:.1f} MiB/s, "
-        f"{_duration(left)} left"
-    )
+    left = _duration((line.total - done) / rate) if rate > 0 else "-:--"  # nothing done yet: no rate to go by
+    _draw(f"{label}: {done / MIB:.1f} of {line.total / MIB:.1f} MiB {verb}, {rate / MIB:.1f} MiB/s, {left} left")
 
 
 def finish(key: str) -> None:
