@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.host.writeback import DescriptorWriteback, WritebackFile
+from pipeline.host.writeback import WritebackFile
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -50,19 +50,3 @@ def test_a_file_opened_at_an_offset_requests_from_there(tmp_path: Path) -> None:
         assert out.tell() == 11_000
         assert out.seekable()  # what it does not define itself comes from the file
     assert path.read_bytes() == b"x" * 1000 + b"y" * 10_000
-
-
-def test_a_descriptor_written_file_requests_writeback_window_by_window(tmp_path: Path) -> None:
-    path = tmp_path / "archive"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        writeback = DescriptorWriteback(fd, window=10_000)
-        requested = []
-        for i in range(25):
-            os.write(fd, bytes([i]) * 1_000)
-            writeback.advance(os.lseek(fd, 0, os.SEEK_CUR))
-            requested.append(writeback._requested)  # noqa: SLF001 - the state under test
-    finally:
-        os.close(fd)
-    assert sorted(set(requested)) == [0, 10_000, 20_000]  # a request per full window, none in between
-    assert path.read_bytes() == b"".join(bytes([i]) * 1_000 for i in range(25))

@@ -37,33 +37,6 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     return found
 
 
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing back length bytes of fd from offset; a no-op where it cannot."""
-    global _available
-    func = _sync_file_range()
-    if func is None or length <= 0:
-        return
-    if func(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
-        if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            _available = False
-
-
-class DescriptorWriteback:
-    """For a file written through its descriptor (os.write): writeback requested every window bytes, as the
-    writer reports how far it got."""
-
-    def __init__(self, fd: int, window: int = WINDOW) -> None:
-        self._fd = fd
-        self._window = window
-        self._requested = 0
-
-    def advance(self, position: int) -> None:
-        """The file is written up to position."""
-        if position - self._requested >= self._window:
-            start_writeback(self._fd, self._requested, position - self._requested)
-            self._requested = position
-
-
 class WritebackFile:
     """Writes to out (a buffered binary file) and, every WINDOW bytes, flushes it and starts the writeback of
     what was written since the last request."""
@@ -102,7 +75,14 @@ class WritebackFile:
         return getattr(self._out, name)
 
     def _request(self) -> None:
-        if _available:
-            self._out.flush()
-            start_writeback(self._out.fileno(), self._start + self._requested, self._written - self._requested)
+        global _available
+        func = _sync_file_range()
+        if func is None:
+            self._requested = self._written
+            return
+        self._out.flush()
+        offset, length = self._start + self._requested, self._written - self._requested
+        if func(self._out.fileno(), offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
+            if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                _available = False
         self._requested = self._written
