@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import jsoncheck
-from pipeline.engines.container import Container, Storage, resolve_container
+from pipeline.engines.container import Container, Layer, Storage, resolve_container
 from pipeline.errors import OutputError, PipelineError
 from pipeline.image.dockerfile import apply_changes
 from pipeline.image.imageconfig import digest_of
@@ -82,32 +82,19 @@ def read_state(
     containers of a fleet share their image layers, which need scanning once per run, not once per container."""
     known = {} if image_keys is None else image_keys
 
-    def image_layer_key(layer_dir: Path) -> tuple[str, int]:
-        real = os.path.realpath(layer_dir)
-        if real not in known:
-            scan = scan_layer(layer_dir)
-            known[real] = (f"dir:{real}:{scan.fingerprint}", scan.file_bytes)
-        return known[real]
+    def image_layer(layer: Layer) -> LayerSource:
+        key, planned_bytes = layer.diff_id, 0
+        if not key:
+            real = os.path.realpath(layer.layer_dir)
+            if real not in known:
+                scan = scan_layer(layer.layer_dir)
+                known[real] = (f"dir:{real}:{scan.fingerprint}", scan.file_bytes)
+            key, planned_bytes = known[real]
+        return LayerSource(
+            str(layer.layer_dir), key, str(layer.tar_split or ""), layer.diff_id, layer.overlay_xattrs, planned_bytes
+        )
 
-    lower = tuple(
-        LayerSource(
-            str(layer.layer_dir),
-            layer.diff_id,
-            str(layer.tar_split or ""),
-            layer.diff_id,
-            layer.overlay_xattrs,
-        )
-        if layer.diff_id
-        else LayerSource(
-            str(layer.layer_dir),
-            image_layer_key(layer.layer_dir)[0],
-            str(layer.tar_split or ""),
-            layer.diff_id,
-            layer.overlay_xattrs,
-            image_layer_key(layer.layer_dir)[1],
-        )
-        for layer in container.lower_layers
-    )
+    lower = tuple(image_layer(layer) for layer in container.lower_layers)
     upper_dir = container.upper_layer.layer_dir
     upper_scan = scan_layer(upper_dir)
     upper = LayerSource(
