@@ -15,7 +15,15 @@ from pipeline.engines.container import Storage
 from pipeline.errors import OutputError
 from pipeline.host.atomic import atomic_path, make_dirs, no_space_error
 from pipeline.image import ocilayout
-from pipeline.image.archive import Member, archive_size, read_member, write_image_archive
+from pipeline.image.archive import (
+    Member,
+    archive_size,
+    assemble_in_place,
+    copy_archive,
+    read_member,
+    source_member,
+    write_image_archive,
+)
 from pipeline.image.dockerarchive import blob_name, build_docker_manifest, build_repositories
 from pipeline.image.imageconfig import CommitOptions, build_image_config, digest_of, encode_json
 from pipeline.image.reference import Reference
@@ -92,42 +100,81 @@ def write_commit_output(
     *,
     mtime: int,
     progress: Callable[[int, int], None] | None = None,
+    packed: Path | None = None,
 ) -> None:
     """Write the image in one of FORMATS: a docker-archive, an OCI archive, both in one tar (as `docker save`
     does since Engine 25), or an OCI layout directory whose layer blobs are hardlinks into the cache.
 
-    docker_files holds manifest.json and repositories; layers go oldest first, then the small files.
+    docker_files holds manifest.json and repositories; layers go oldest first, then the small files. packed: the
+    pack (store.pack) the layers were packed into, layer i into slot i: the archive is assembled there, in place,
+    and becomes dest by a hardlink (the cache keeps it, and finds the layers in it).
     """
-    blobs = []
-    for layer in layers:
-        path = cache.blob_path(layer.digest)
-        if not path.is_file() or path.stat().st_size != layer.size:
-            raise OutputError(f"{path}: cached layer is missing or damaged; re-run to repack it")
-        blobs.append(path)
     manifest = encode_json(ocilayout.build_image_manifest(config, layers))
     oci_files = ocilayout.layout_files(config, manifest, encode_json(ocilayout.build_index(manifest, reference)))
     if fmt == "oci-dir":
+        blobs = [cache.blob_file(layer.digest, layer.size) for layer in layers]
         with atomic_path(dest) as temp:
             temp.mkdir()
             ocilayout.write_oci_dir(temp, blobs, oci_files)
         return
+    sources = []
+    for layer in layers:
+        source = cache.locate(layer.digest, layer.size)
+        if source is not None and source.assembling and source.path != packed:
+            cache.forget_pointer(layer.digest)  # in another commit's unfinished archive: packed again next run
+            source = None
+        if source is None:
+            path = cache.blob_path(layer.digest)
+            raise OutputError(f"{path}: cached layer is missing or damaged; re-run to repack it")
+        sources.append(source)
     small = {blob_name(digest_of(config)): config}
     if fmt in ("both", "oci"):
         small = oci_files
     if fmt in ("both", "docker"):
         small |= docker_files
-    members = [Member(blob_name(layer.digest), path=b) for layer, b in zip(layers, blobs, strict=True)]
-    members += [Member(name, data=data) for name, data in small.items()]
-    needed = archive_size(members)
-    check_free_space(dest, needed)
-    with atomic_path(dest) as temp:
-        try:
+    members = [source_member(blob_name(layer.digest), s) for layer, s in zip(layers, sources, strict=True)]
+    small_members = [Member(name, data=data) for name, data in small.items()]
+    needed = archive_size(members + small_members)
+    try:
+        if packed is not None:
+            check_free_space(dest, needed - sum(layer.size for layer in layers))
             report = None if progress is None else (lambda done: progress(done, needed))
-            write_image_archive(temp, members, mtime=mtime, progress=report)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise no_space_error(dest, e, needed) from e
-            raise OutputError(f"{dest}: cannot write the image archive ({e.strerror}); fix and re-run") from e
+            placed = assemble_in_place(
+                packed, [(m, slot) for slot, m in enumerate(members)], small_members, mtime=mtime, progress=report
+            )
+            for name, offset in placed:
+                digest = "sha256:" + name.rpartition("/")[2]
+                if not cache.blob_path(digest).exists():
+                    cache.point(digest, packed, offset)
+            publish(packed, dest)
+            return
+        check_free_space(dest, needed)
+        with atomic_path(dest) as temp:
+            report = None if progress is None else (lambda done: progress(done, needed))
+            write_image_archive(temp, members + small_members, mtime=mtime, progress=report)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space_error(dest, e, needed) from e
+        raise OutputError(f"{dest}: cannot write the image archive ({e.strerror}); fix and re-run") from e
+
+
+def publish(packed: Path, dest: Path) -> None:
+    """Make the finished archive packed appear at dest: hardlinked, so not a byte is written, while no other
+    archive shares it (a person editing one archive in place must not change another); copied otherwise."""
+    try:
+        if os.path.samefile(packed, dest):
+            return
+    except FileNotFoundError:
+        pass
+    with atomic_path(dest) as temp:
+        if os.stat(packed).st_nlink == 1:
+            try:
+                os.link(packed, temp)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+        copy_archive(packed, temp)
 
 
 def build_archive_identity(

@@ -12,11 +12,14 @@ from typing import Any
 from pipeline import jsoncheck
 from pipeline.engines.container import Container, Layer, Storage, resolve_container
 from pipeline.errors import OutputError, PipelineError
+from pipeline.host import extents
 from pipeline.image.dockerfile import apply_changes
 from pipeline.image.imageconfig import digest_of
 from pipeline.image.reference import Reference, build_reference_from_name, parse_reference
+from pipeline.layer import tarheader
 from pipeline.layer.writer import LayerScan, scan_layer
-from pipeline.store import compression
+from pipeline.store import compression, pack
+from pipeline.store.layout import CacheLayout
 
 log = logging.getLogger(__name__)
 
@@ -307,3 +310,26 @@ def check_compression(algorithm: str, level: int | None, fmt: str | None) -> Non
 
 
 FORMATS = ("both", "docker", "oci", "oci-dir")
+
+
+def assembles_in_place(request: CommitRequest, resolved: CommitPlan, *, layers: int) -> bool:
+    """Whether the commit's archive can be assembled in place (store.pack), each layer written once, into the
+    archive itself: a tar of uncompressed layers, the cache on a filesystem that collapses ranges (ext4, XFS),
+    the archive on that same filesystem (it becomes the archive by a hardlink), and few enough layers."""
+    if request.fmt == "oci-dir" or request.compression != "none" or not 0 < layers <= pack.MAX_SLOTS:
+        return False
+    pack_dir = CacheLayout(Path(request.cache_dir)).pack_dir
+    try:
+        pack_dir.mkdir(parents=True, exist_ok=True)
+        if _device(pack_dir) != _device(resolved.output.parent):
+            return False
+    except OSError:
+        return False
+    return extents.can_collapse(pack_dir, tarheader.ALIGNMENT)
+
+
+def _device(path: Path) -> int:
+    """The device of path, or of its nearest existing ancestor."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path.stat().st_dev

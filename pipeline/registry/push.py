@@ -79,7 +79,7 @@ def prepare_image(
         )
     chosen = default_level(compression) if level is None else level
     stored = [compress_blob(cache.root, r, compression, chosen) for r in records]
-    layers = tuple(Blob(b.digest, b.size, b.media_type, path=cache.blob_path(b.digest)) for b in stored)
+    layers = tuple(Blob(b.digest, b.size, b.media_type, path=cache.blob_file(b.digest, b.size)) for b in stored)
     manifest = encode_json(build_image_manifest(config, stored))
     return Image(manifest, Blob(digest_of(config), len(config), CONFIG_MEDIA_TYPE, data=config), layers)
 

@@ -227,7 +227,7 @@ def _store_full(
     config = assembly.build_config_bytes(
         storage, request.container.container_id, records, request.clamp_mtime or _epoch(request.created)
     )
-    paths = [cache.blob_path(b.digest) for b in blobs]
+    paths = [cache.blob_file(b.digest, b.size) for b in blobs]
     return _add(store, request, config, blobs, paths, upper, deltas=0)
 
 
@@ -243,7 +243,7 @@ def _store_delta(
     if delta.diff_id != EMPTY_LAYER_DIFF_ID:
         [blob] = assembly.layer_blobs(cache, [delta], "none", None)
         blobs.append(blob)
-        paths.append(cache.blob_path(blob.digest))
+        paths.append(cache.blob_file(blob.digest, blob.size))
     history = chain.config.get("history")
     options = CommitOptions(
         message=f"changes since snapshot {chain.previous.stamp}",

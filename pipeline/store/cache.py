@@ -3,16 +3,20 @@
 import errno
 import fcntl
 import hashlib
+import io
+import json
 import logging
 import os
 import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar, cast
 
-from pipeline.errors import PipelineError, SourceChanged
+from pipeline import jsoncheck
+from pipeline.errors import LayerError, PipelineError, SourceChanged
 from pipeline.host import failpoint
 from pipeline.host.atomic import (
     atomic_path,
@@ -21,13 +25,15 @@ from pipeline.host.atomic import (
     no_space_error,
     partial_path,
     remove_abandoned_partials,
+    write_bytes_atomic,
 )
 from pipeline.host.writeback import WritebackFile
 from pipeline.layer.delta import write_delta
 from pipeline.layer.index import IndexWriter
 from pipeline.layer.tarsplit import TarSplitMismatch, write_layer_from_tarsplit
 from pipeline.layer.writer import LayerRecord, read_record, walk_metadata, write_layer
-from pipeline.store.layout import CacheLayout
+from pipeline.store import pack
+from pipeline.store.layout import CacheLayout, digest_hex
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +49,41 @@ _COLLECTING: set[str] = set()  # caches this process holds exclusively (in colle
 _HELD_LOCK = threading.Lock()
 
 
-class LayerCache:
-    """Blobs named by their digest, so a layer packed once is found again by any commit that produces it."""
+@dataclass(frozen=True)
+class Slot:
+    """Where a layer goes when it is packed for an archive assembled in place: slot `index` of the pack at
+    `path` (store.pack), instead of a blob file of its own."""
 
-    def __init__(self, root: Path) -> None:
+    path: Path
+    index: int
+
+
+@dataclass(frozen=True)
+class BlobSource:
+    """Where a blob's bytes are: size bytes at offset of path (a blob file from 0, or a pack)."""
+
+    path: Path
+    offset: int
+    size: int
+    assembling: bool = False  # in a pack whose assembly was interrupted: not readable until it is finished
+
+    @property
+    def in_pack(self) -> bool:
+        return self.path.suffix == ".tar"
+
+
+class LayerCache:
+    """Blobs named by their digest, so a layer packed once is found again by any commit that produces it: each a
+    file of its own, or a layer tar written only into an image archive assembled in place (a pack), found through
+    its pointer.
+
+    into: pack layers into that slot of a pack instead (Slot); compressed forms always get blob files.
+    """
+
+    def __init__(self, root: Path, *, into: Slot | None = None) -> None:
         self.root = root
         self.layout = CacheLayout(root)
+        self.into = into
 
     def blob_path(self, digest: str) -> Path:
         """Where the blob is; naming a blob is using it, so this process holds the cache against retention."""
@@ -122,8 +157,84 @@ class LayerCache:
 
     def has_blob(self, record: LayerRecord, *, recorded_ns: int | None = None) -> bool:
         """Whether record's blob is intact (blob_intact; recorded_ns None: size only, for callers that just
-        verified it)."""
-        return blob_intact(self.blob_path(record.diff_id), record.diff_id, record.size, recorded_ns, "packing it")
+        verified it), as a file or in a pack."""
+        path = self.blob_path(record.diff_id)
+        if not path.exists():
+            source = self.locate(record.diff_id, record.size)
+            if source is not None:
+                return source.assembling or recorded_ns is None or _region_intact(source, record.diff_id, recorded_ns)
+        return blob_intact(path, record.diff_id, record.size, recorded_ns, "packing it")
+
+    def locate(self, digest: str, size: int) -> BlobSource | None:
+        """Where the blob digest of size bytes is: its file, else the pack its pointer names if the pack still
+        holds it there; None when neither."""
+        path = self.blob_path(digest)
+        try:
+            if path.stat().st_size == size:
+                return BlobSource(path, 0, size)
+        except FileNotFoundError:
+            pass
+        pointer = self.layout.blob_pointer(digest)
+        try:
+            doc = jsoncheck.loads(pointer.read_bytes())
+            packed = self.layout.pack_named(jsoncheck.string(doc.get("pack"), "pack"))
+            offset = jsoncheck.whole_number(doc.get("offset"), "offset", 0)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, PipelineError) as e:
+            log.warning("%s: damaged blob pointer (%s); packing the layer again", pointer, e)
+            return None
+        try:
+            fd = os.open(packed, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            if os.fstat(fd).st_size >= offset + size and pack.holds(fd, offset, digest):
+                return BlobSource(packed, offset, size)
+        finally:
+            os.close(fd)
+        if not pack.read_state(self.layout.pack_state(packed)).keys().isdisjoint(("collapsing", "collapsed")):
+            # Its archive's assembly was interrupted halfway (the blob is in there, moving): the commit's re-run
+            # finishes it and points the blob at its new place; nobody else can read it until then.
+            return BlobSource(packed, offset, size, assembling=True)
+        return None
+
+    def forget_pointer(self, digest: str) -> None:
+        """Drop a pointer to a pack that no longer holds the blob there: it is packed again when next needed."""
+        self.layout.blob_pointer(digest).unlink(missing_ok=True)
+
+    def point(self, digest: str, packed: Path, offset: int) -> None:
+        """Record that the blob digest is at offset of the pack packed."""
+        doc = {"pack": packed.name, "offset": offset}
+        write_bytes_atomic(self.layout.blob_pointer(digest), json.dumps(doc, sort_keys=True).encode())
+
+    def blob_file(self, digest: str, size: int) -> Path:
+        """The blob as a file of its own (for hardlinks, uploads and compression), copied out of its pack the
+        first time one is asked for."""
+        path = self.blob_path(digest)
+        source = self.locate(digest, size)
+        if source is None or not source.in_pack:
+            return path
+        if source.assembling:
+            self.forget_pointer(digest)
+            raise LayerError(f"{source.path}: layer {digest} is in an archive whose assembly was interrupted; re-run")
+        with self.lock(f"blob-{digest_hex(digest)}"):
+            if path.exists():
+                return path
+
+            def copy(out: BinaryIO) -> str:
+                with open(source.path, "rb", buffering=0) as f:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # not while the pack is being assembled
+                    if not pack.holds(f.fileno(), source.offset, digest):
+                        raise LayerError(f"{source.path}: no longer holds layer {digest}; re-run to pack it again")
+                    f.seek(source.offset)
+                    hashed = _copy_hashing(f, out, size)
+                if hashed != digest:
+                    raise LayerError(f"{source.path}: layer {digest} there hashes to {hashed}; re-run to repack it")
+                return hashed
+
+            self.write_blob(copy, lambda d: d, needed=lambda: size, step="materialize", into_slot=False)
+        return path
 
     def has_record(self, path: Path) -> bool:
         """Whether the layer record at path exists and its blob is intact: a blob deleted, truncated or altered
@@ -237,10 +348,14 @@ class LayerCache:
         *,
         needed: Callable[[], int],
         step: str = "pack",
+        into_slot: bool = True,
     ) -> _R:
         """Write a blob through a temporary file in the blob directory, fsync'd and then named by its digest
-        (digest_of what write returned), so a blob under its name is always whole. needed estimates the bytes
+        (digest_of what write returned), so a blob under its name is always whole; or, when this cache packs
+        into a slot (and into_slot), into that slot of its pack (_write_into_slot). needed estimates the bytes
         for a full-disk error; step names the failpoints (<step>:started, :before-rename, :after-rename)."""
+        if self.into is not None and into_slot:
+            return self._write_into_slot(self.into, write, digest_of, needed=needed, step=step)
         blob_dir = self.layout.blob_dir
         make_dirs(blob_dir)
         self.hold()  # before anything is written: a blob with no record yet is only safe from retention this way
@@ -264,6 +379,50 @@ class LayerCache:
             temp.unlink(missing_ok=True)
             raise
         fsync_dir(blob_dir)
+        failpoint.reached(f"{step}:after-rename")
+        return result
+
+    def _write_into_slot(
+        self,
+        slot: Slot,
+        write: Callable[[BinaryIO], _R],
+        digest_of: Callable[[_R], str],
+        *,
+        needed: Callable[[], int],
+        step: str,
+    ) -> _R:
+        """Write a blob into its slot of a pack, fsync it, seal the slot (store.pack) and point the blob there:
+        the layer's only copy until the pack is assembled into the archive. A pack already assembled is never
+        written again: the blob then gets a file of its own."""
+        make_dirs(slot.path.parent)
+        self.hold()
+        fd = os.open(slot.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # assembly takes it exclusively
+            if pack.read_state(self.layout.pack_state(slot.path)):
+                return self.write_blob(write, digest_of, needed=needed, step=step, into_slot=False)
+            pack.clear_slot(fd, slot.index)
+            with open(fd, "r+b", buffering=_BUFFER, closefd=False) as f:
+                f.seek(pack.data_offset(slot.index))
+                failpoint.reached(f"{step}:started")
+                try:
+                    result = write(cast(BinaryIO, WritebackFile(f)))
+                    f.flush()
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise no_space_error(slot.path.parent, e, needed=needed()) from e
+                    raise
+                size = f.tell() - pack.data_offset(slot.index)
+            digest = digest_of(result)
+            if size > pack.MAX_LAYER:
+                raise LayerError(f"{slot.path}: layer {digest} is too large for a pack; re-run with --format oci-dir")
+            os.fsync(fd)
+            failpoint.reached(f"{step}:before-rename")
+            pack.seal(fd, slot.index, digest, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.point(digest, slot.path, pack.data_offset(slot.index))
         failpoint.reached(f"{step}:after-rename")
         return result
 
@@ -300,6 +459,39 @@ def blob_intact(path: Path, digest: str, size: int, recorded_ns: int | None, red
     if not intact:
         log.warning("cached blob %s does not match its digest; %s again", path, redo)
     return intact
+
+
+def _region_intact(source: BlobSource, digest: str, recorded_ns: int) -> bool:
+    """Whether a blob in a pack is intact: hashed only when the pack was finished and touched since recorded_ns
+    (a pack being assembled is written by this commit's own tasks, and its slots are sealed only when whole)."""
+    try:
+        st = source.path.stat()
+    except FileNotFoundError:
+        return False
+    if st.st_ctime_ns <= recorded_ns or not pack.read_state(CacheLayout.pack_state(source.path)).get("final"):
+        return True
+    with open(source.path, "rb", buffering=0) as f:
+        f.seek(source.offset)
+        intact = _copy_hashing(f, None, source.size) == digest
+    if not intact:
+        log.warning("layer %s in %s does not match its digest; packing it again", digest, source.path)
+    return intact
+
+
+def _copy_hashing(src: io.FileIO, out: BinaryIO | None, size: int) -> str:
+    """The digest of size bytes read from src, written to out as they are read when given."""
+    h = hashlib.sha256()
+    buf = memoryview(bytearray(_BUFFER))
+    remaining = size
+    while remaining:
+        n = src.readinto(buf[: min(remaining, _BUFFER)])
+        if not n:
+            raise LayerError(f"{src.name}: ends {remaining} bytes before the layer does; re-run to pack it again")
+        h.update(buf[:n])
+        if out is not None:
+            out.write(buf[:n])
+        remaining -= n
+    return "sha256:" + h.hexdigest()
 
 
 def _estimate_size(layer_dir: Path) -> int:

@@ -250,9 +250,9 @@ def compress_blob(
     """
     check_level(algorithm, level)
     cache = LayerCache(cache_root)
-    source = cache.blob_path(record.diff_id)
     if algorithm == "none":
-        _check_source(source, record)
+        if cache.locate(record.diff_id, record.size) is None:
+            _check_source(cache.blob_path(record.diff_id), record)
         return StoredBlob(record.diff_id, record.size, record.diff_id, "none", 0, MEDIA_TYPES["none"])
     mapping = mapping_path(cache_root, record.diff_id, algorithm, level)
     found = _read_mapping(cache, mapping, record, algorithm, level)
@@ -263,6 +263,7 @@ def compress_blob(
         found = _read_mapping(cache, mapping, record, algorithm, level)
         if found is not None:
             return found
+        source = cache.blob_file(record.diff_id, record.size)  # out of its pack, where it is in one
         blob = _compress_into_cache(cache, source, record, algorithm, level, threads)
         doc = {**asdict(blob), "library": library_version(algorithm, level)}
         write_bytes_atomic(mapping, json.dumps(doc, sort_keys=True).encode())

@@ -7,6 +7,8 @@
                                            named by that state's source key: what its next delta is taken against
       compressed/<diff hex>-<alg>-<level>.json   which blob holds a layer tar compressed so
       commits/<key>/                       one commit's config.json, manifest.json, repositories
+      packs/<key>.tar, <key>.json          image archives assembled in place, and how far (store.pack)
+      packed/<hex>.json                    where a layer tar written only into a pack is: pack and offset
       locks/<name>.lock                    per-entry flocks between processes packing or compressing
       freezer/                             markers of containers a commit in flight has frozen
       pushed/<host>.json                   which repositories of a registry got which blobs (mount hints)
@@ -99,6 +101,37 @@ class CacheLayout:
         if name not in COMMIT_FILES:
             raise ValueError(f"{name!r} is not one of {COMMIT_FILES}")
         return commit_dir / name
+
+    @property
+    def pack_dir(self) -> Path:
+        return self.root / "packs"
+
+    def pack(self, *identity: object) -> Path:
+        """The pack that becomes the archive of the commit identity names (store.pack)."""
+        return self.pack_dir / f"{key_of(*identity)}.tar"
+
+    def packs(self) -> list[Path]:
+        return sorted(self.pack_dir.glob("*.tar"))
+
+    @staticmethod
+    def pack_state(pack: Path) -> Path:
+        return pack.with_suffix(".json")
+
+    def pack_named(self, name: str) -> Path:
+        """A pack named in a blob pointer, checked before it becomes a path."""
+        if not name.endswith(".tar") or len(name) != 36 or any(c not in "0123456789abcdef" for c in name[:32]):
+            raise PipelineError(f"{name!r}: not a pack name; the pointer holding it is damaged, delete it")
+        return self.pack_dir / name
+
+    @property
+    def pointer_dir(self) -> Path:
+        return self.root / "packed"
+
+    def blob_pointer(self, digest: str) -> Path:
+        return self.pointer_dir / f"{digest_hex(digest)}.json"
+
+    def blob_pointers(self) -> list[Path]:
+        return sorted(self.pointer_dir.glob("*.json"))
 
     def lock(self, name: str) -> Path:
         return self.root / "locks" / f"{name}.lock"

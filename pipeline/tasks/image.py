@@ -27,7 +27,7 @@ from pipeline.image.reference import parse_reference
 from pipeline.layer import whiteout
 from pipeline.layer.writer import LayerRecord, read_record
 from pipeline.store import squash
-from pipeline.store.cache import LayerCache
+from pipeline.store.cache import LayerCache, Slot
 from pipeline.store.compression import ALGORITHMS, StoredBlob
 from pipeline.store.layout import CacheLayout, key_of
 from pipeline.tasks.settings import (
@@ -56,6 +56,10 @@ class _LayerTask(HostTask):
     overlay_xattrs: str = luigi.ChoiceParameter(
         choices=whiteout.OVERLAY_XATTRS, default="trusted", significant=False, visibility=HIDDEN
     )
+    # The commit's archive is assembled in place (store.pack): the layer goes into slot `slot` of that pack, its
+    # only copy. Not in the task id: where a layer is written does not change what it is.
+    pack_file: str = luigi.Parameter(default="", significant=False, visibility=HIDDEN)
+    slot: int = luigi.IntParameter(default=0, significant=False, visibility=HIDDEN)
 
     def output(self) -> DurableTarget:
         return DurableTarget(str(CacheLayout(Path(self.cache_dir)).layer_record(self.source_key, self.clamp_mtime)))
@@ -64,7 +68,8 @@ class _LayerTask(HostTask):
         return LayerCache(Path(self.cache_dir)).has_record(Path(self.output().path))
 
     def run(self) -> None:
-        cache, record = LayerCache(Path(self.cache_dir)), Path(self.output().path)
+        into = Slot(Path(self.pack_file), self.slot) if self.pack_file else None
+        cache, record = LayerCache(Path(self.cache_dir), into=into), Path(self.output().path)
         packing.pack_into_cache(cache, record, self.pack, pausing=self.pausing, step=f"pack:{self.task_family}")
         Progress(self).finish()
         failpoint.reached("task:layer-done")
@@ -164,6 +169,8 @@ class _CommitTask(StorageTask):
     squash: bool = luigi.BoolParameter(default=False)
     compression: str = luigi.ChoiceParameter(choices=ALGORITHMS, default="none")
     compression_level: int | None = luigi.OptionalIntParameter(default=None)
+    # The pack the archive is assembled in, layer i packed into slot i (store.pack); "": copied together.
+    pack_file: str = luigi.Parameter(default="", significant=False, visibility=HIDDEN)
 
     def label(self) -> str:
         return self.container_name or self.container_id[:12]
@@ -172,7 +179,9 @@ class _CommitTask(StorageTask):
         # Everything the config, manifest and repositories are made from names their directory: the state, the
         # options, the reference. Not the host (one cache may serve several) and not the archive's path.
         params = sorted(
-            (k, v) for k, v in self.common().items() if k not in ("host", "output_path", "pause", "container_name")
+            (k, v)
+            for k, v in self.common().items()
+            if k not in ("host", "output_path", "pause", "container_name", "pack_file")
         )
         return str(CacheLayout(Path(self.cache_dir)).commit_dir(*params))
 
@@ -201,6 +210,7 @@ class _CommitTask(StorageTask):
             dirs = tuple(s.layer_dir for s in (*lower, upper))
             # One storage, one namespace of overlay markers: the upper layer's is every layer's.
             squashed = PackSquashedLayer(
+                pack_file=self.pack_file,
                 layer_dir=upper.layer_dir,
                 source_key=f"squash:{key}",
                 layer_dirs=dirs,
@@ -209,9 +219,13 @@ class _CommitTask(StorageTask):
                 **shared,
             )
             return [squashed]
-        tasks: list[_LayerTask] = list(image_layer_tasks(lower, self.host, self.cache_dir, self.clamp_mtime))
+        tasks: list[_LayerTask] = list(
+            image_layer_tasks(lower, self.host, self.cache_dir, self.clamp_mtime, pack_file=self.pack_file)
+        )
         tasks.append(
             PackContainerLayer(
+                pack_file=self.pack_file,
+                slot=len(tasks),
                 layer_dir=upper.layer_dir,
                 source_key=upper.key,
                 overlay_xattrs=upper.overlay_xattrs,
@@ -396,6 +410,7 @@ class WriteImageArchive(_CommitTask):
             parse_reference(self.image),
             mtime=assembly.archive_mtime(inputs["config"]),
             progress=Progress(self, "written"),
+            packed=Path(self.pack_file) if self.pack_file else None,
         )
         Progress(self).finish()
         if replaced is not None:
@@ -483,29 +498,36 @@ class CommitImage(HostTask, luigi.WrapperTask):
             compression_level=self.compression_level,
         )
         resolved = plan.plan_request(open_storage(engine, Path(root)), root, request)
-        archive = WriteImageArchive(
-            host=self.host,
-            format=request.fmt,
-            author=self.author,
-            message=self.message,
-            changes=self.change,
-            config_file=resolved.config_file,
-            squash=self.squash,
-            compression=self.compression,
-            compression_level=self.compression_level,
+        params: dict[str, Any] = {
+            "host": self.host,
+            "format": request.fmt,
+            "author": self.author,
+            "message": self.message,
+            "changes": self.change,
+            "config_file": resolved.config_file,
+            "squash": self.squash,
+            "compression": self.compression,
+            "compression_level": self.compression_level,
             **commit_params(resolved, engine, root, self.pause),
-        )
+        }
+        archive = WriteImageArchive(**params)
+        if plan.assembles_in_place(request, resolved, layers=len(archive.layer_tasks())):
+            packed = CacheLayout(Path(params["cache_dir"])).pack(archive.commit_dir(), request.fmt)
+            archive = WriteImageArchive(pack_file=str(packed), **params)
         if self.iidfile:
             return [archive, WriteIidFile(iidfile=os.path.abspath(self.iidfile), **archive.common())]
         return [archive]
 
 
 def image_layer_tasks(
-    lower: Sequence[plan.LayerSource], host: str, cache_dir: str, clamp_mtime: int | None
+    lower: Sequence[plan.LayerSource], host: str, cache_dir: str, clamp_mtime: int | None, *, pack_file: str = ""
 ) -> list[PackImageLayer]:
-    """One task per image layer: packed once per cache, whichever commit or snapshot needs it first."""
+    """One task per image layer: packed once per cache, whichever commit or snapshot needs it first (into slot i
+    of pack, when the commit's archive is assembled in place)."""
     return [
         PackImageLayer(
+            pack_file=pack_file,
+            slot=i,
             host=host,
             cache_dir=cache_dir,
             clamp_mtime=clamp_mtime,
@@ -516,7 +538,7 @@ def image_layer_tasks(
             overlay_xattrs=s.overlay_xattrs,
             planned_bytes=s.planned_bytes,
         )
-        for s in lower
+        for i, s in enumerate(lower)
     ]
 
 
