@@ -17,6 +17,7 @@ from pipeline.host.atomic import atomic_path, make_dirs, no_space_error
 from pipeline.image import ocilayout
 from pipeline.image.archive import (
     Member,
+    PackTaken,
     archive_size,
     assemble_in_place,
     copy_archive,
@@ -117,41 +118,50 @@ def write_commit_output(
             temp.mkdir()
             ocilayout.write_oci_dir(temp, blobs, oci_files)
         return
-    sources = []
-    for layer in layers:
-        source = cache.locate(layer.digest, layer.size)
-        if source is not None and source.assembling and source.path != packed:
-            cache.forget_pointer(layer.digest)  # in another commit's unfinished archive: packed again next run
-            source = None
-        if source is None:
-            path = cache.blob_path(layer.digest)
-            raise OutputError(f"{path}: cached layer is missing or damaged; re-run to repack it")
-        sources.append(source)
+
+    def members() -> list[Member]:
+        """Each layer's blob where it is now."""
+        found = []
+        for layer in layers:
+            source = cache.locate(layer.digest, layer.size)
+            if source is not None and source.assembling and source.path != packed:
+                cache.forget_pointer(layer.digest)  # in another commit's unfinished archive: packed again next run
+                source = None
+            if source is None:
+                path = cache.blob_path(layer.digest)
+                raise OutputError(f"{path}: cached layer is missing or damaged; re-run to repack it")
+            found.append(source_member(blob_name(layer.digest), source))
+        return found
+
     small = {blob_name(digest_of(config)): config}
     if fmt in ("both", "oci"):
         small = oci_files
     if fmt in ("both", "docker"):
         small |= docker_files
-    members = [source_member(blob_name(layer.digest), s) for layer, s in zip(layers, sources, strict=True)]
     small_members = [Member(name, data=data) for name, data in small.items()]
-    needed = archive_size(members + small_members)
+    needed = archive_size(members() + small_members)
     try:
         if packed is not None:
             check_free_space(dest, needed - sum(layer.size for layer in layers))
             report = None if progress is None else (lambda done: progress(done, needed))
-            placed = assemble_in_place(
-                packed, [(m, slot) for slot, m in enumerate(members)], small_members, mtime=mtime, progress=report
-            )
-            for name, offset in placed:
-                digest = "sha256:" + name.rpartition("/")[2]
-                if not cache.blob_path(digest).exists():
-                    cache.point(digest, packed, offset)
-            publish(packed, dest)
-            return
+            try:
+                placed = assemble_in_place(
+                    packed, lambda: [(m, slot) for slot, m in enumerate(members())], small_members, mtime=mtime,
+                    progress=report,
+                )  # fmt: skip
+            except PackTaken as e:
+                log.info("%s; copying the layers from there", e)
+            else:
+                for name, offset in placed:
+                    digest = "sha256:" + name.rpartition("/")[2]
+                    if not cache.blob_path(digest).exists():
+                        cache.point(digest, packed, offset)
+                publish(packed, dest)
+                return
         check_free_space(dest, needed)
         with atomic_path(dest) as temp:
             report = None if progress is None else (lambda done: progress(done, needed))
-            write_image_archive(temp, members + small_members, mtime=mtime, progress=report)
+            write_image_archive(temp, members() + small_members, mtime=mtime, progress=report)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise no_space_error(dest, e, needed) from e

@@ -1,6 +1,7 @@
 """Two commit processes at once, each with its own local scheduler, sharing one cache."""
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from typing import IO
 import pytest
 
 from pipeline.demo import build_sample_storage
+from tests.support.cachefiles import blob_bytes
 from tests.support.cli import REPO, commit_args
 from tests.support.imagecheck import read_archive_manifest
 
@@ -59,10 +61,14 @@ def _finish(processes: list[subprocess.Popen[str]]) -> str:
 
 
 def _assert_cache_consistent(cache: Path) -> None:
-    for blob in (cache / "blobs" / "sha256").iterdir():
+    blob_dir = cache / "blobs" / "sha256"
+    for blob in blob_dir.iterdir() if blob_dir.exists() else []:
         assert not blob.name.startswith("."), f"temporary file left: {blob}"
         with open(blob, "rb") as f:
             assert hashlib.file_digest(f, "sha256").hexdigest() == blob.name
+    for record in (cache / "layers").glob("*.json"):  # each layer's blob, a file or in an archive (store.pack)
+        diff_id = json.loads(record.read_bytes())["diff_id"]
+        assert "sha256:" + hashlib.sha256(blob_bytes(cache, diff_id)).hexdigest() == diff_id
 
 
 def _add_container(root: Path, cid: str, new_id: str) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.demo import build_sample_storage
 from pipeline.snapshots.catalog import read_records
+from tests.support.cachefiles import lose_blob
 from tests.support.cli import REPO, commit_args, run_luigi
 from tests.support.imagecheck import read_archive_config, read_archive_manifest, unpack_layers_with_python
 from tests.support.registry_server import serve_registry
@@ -75,7 +76,7 @@ def test_changed_container_with_archive_and_layer_blob_deleted_gives_a_whole_arc
     old_top = read_archive_config(archive)["rootfs"]["diff_ids"][-1]
     (_upper(root, cid) / "new.txt").write_bytes(b"new\n")
     archive.unlink()
-    (tmp_path / "cache" / "blobs" / "sha256" / old_top.removeprefix("sha256:")).unlink()
+    lose_blob(tmp_path / "cache", old_top)
     second = run_luigi(*args)
     assert second.returncode == 0, second.stderr
     manifest = read_archive_manifest(archive)
@@ -93,7 +94,7 @@ def test_unchanged_container_with_its_layer_blob_deleted_is_packed_again_and_the
     root, cid, archive, args = _committed(sample_storage, tmp_path)
     top = read_archive_config(archive)["rootfs"]["diff_ids"][-1]
     before = archive.read_bytes()
-    (tmp_path / "cache" / "blobs" / "sha256" / top.removeprefix("sha256:")).unlink()
+    lose_blob(tmp_path / "cache", top)
     archive.unlink()
     second = run_luigi(*args)
     assert second.returncode == 0, second.stderr

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pipeline.demo import build_sample_storage
 from pipeline.engines.container import check_id_text
 from pipeline.errors import ContainerNotFound, SourceChanged
 from pipeline.store.cache import LayerCache
+from tests.support.cachefiles import blob_bytes, damage_blob
 from tests.support.cli import REPO, commit_args, error_lines, run_luigi, tree_fingerprint
 
 
@@ -179,15 +181,12 @@ def test_damaged_cache_blob_is_detected_and_rebuilt(storage: tuple[Path, str], t
     assert run_luigi(*first).returncode == 0
     base_record = next((tmp_path / "cache" / "layers").glob("*.json"))
     diff_id = json.loads(base_record.read_text())["diff_id"]
-    blob = tmp_path / "cache" / "blobs" / "sha256" / diff_id.removeprefix("sha256:")
-    data = bytearray(blob.read_bytes())
-    if damage == "truncate":
-        blob.write_bytes(data[:100])
-    else:
-        data[600] ^= 0xFF  # same size, one byte different
-        blob.write_bytes(bytes(data))
+    # Wherever the cache holds it: a file, or a region of the first archive, assembled in place (store.pack).
+    damage_blob(tmp_path / "cache", diff_id, damage)
     second = run_luigi(*commit_args(root, tmp_path, "--id", cid, "--output", str(tmp_path / "b.tar")))
     assert second.returncode == 0, second.stderr
     assert "packing it again" in second.stderr
-    with open(blob, "rb") as f:
-        assert "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == diff_id
+    assert "sha256:" + hashlib.sha256(blob_bytes(tmp_path / "cache", diff_id)).hexdigest() == diff_id
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        member = tar.extractfile(f"blobs/sha256/{diff_id.removeprefix('sha256:')}")
+        assert member is not None and "sha256:" + hashlib.sha256(member.read()).hexdigest() == diff_id

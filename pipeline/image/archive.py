@@ -25,6 +25,10 @@ from pipeline.store.layout import CacheLayout
 _COPY_CHUNK = 1 << 20
 
 
+class PackTaken(Exception):
+    """The pack is a finished archive of other small members (config, manifests): the archive is copied."""
+
+
 @dataclass(frozen=True)
 class Member:
     """One archive member: a layer blob copied in (size bytes of path from offset) or small bytes (data)."""
@@ -82,7 +86,7 @@ def write_image_archive(
 
 def assemble_in_place(
     packed: Path,
-    layers: list[tuple[Member, int]],
+    resolve: Callable[[], list[tuple[Member, int]]],
     small: list[Member],
     *,
     mtime: int,
@@ -92,14 +96,17 @@ def assemble_in_place(
     with its slot in the pack) and the small members: blobs not yet in their slot are copied there (shared where
     the filesystem can), the gaps collapsed, the headers and small members written around them; the same bytes
     write_image_archive would write. Resumable after a kill at any point; a pack already finished is left as it
-    is. Returns each layer blob's name and the offset of its data in the archive."""
-    members = [m for m, _ in layers] + small
-    slots = dict((m.name, slot) for m, slot in reversed(layers))  # a blob's first occurrence is the member
-    kept = [m for m in _unique(members) if m.path is not None]
+    is. resolve gives the layers (each a Member naming where its blob is now, and its slot), asked once the pack
+    is locked: another process may have assembled it meanwhile, moving the blobs in it. Returns each layer blob's
+    name and the offset of its data in the archive."""
     state_path = CacheLayout.pack_state(packed)
     fd = os.open(packed, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # layer tasks writing slots, and readers, wait
+        layers = resolve()
+        members = [m for m, _ in layers] + small
+        slots = dict((m.name, slot) for m, slot in reversed(layers))  # a blob's first occurrence is the member
+        kept = [m for m in _unique(members) if m.path is not None]
         prefix = _directory_headers(members, mtime)
         placed, end = [], len(prefix)
         for member in kept:
@@ -116,12 +123,18 @@ def assemble_in_place(
             if m.path is None
         )
         state = pack.read_state(state_path)
-        if state.get("final") == end + len(tail) + len(tarheader.END_OF_ARCHIVE) == os.fstat(fd).st_size:
-            return [(m.name, offset) for m, _, offset in placed]
-        if "final" in state:  # finished, then changed: what it held is gone; its layers are packed again
-            os.ftruncate(fd, 0)
-            state_path.unlink()
-            raise pack.PackDamaged(f"{packed}: changed since its archive was finished; re-run to pack it again")
+        total = end + len(tail) + len(tarheader.END_OF_ARCHIVE)
+        if "final" in state:
+            # Finished already: this very archive, or one of another config for the same layers (its commit
+            # files were made again, with a new creation time), which stays as it is (an archive may share it).
+            in_place = all(m.path == packed and m.offset == offset for m, _, offset in placed)
+            if (
+                in_place
+                and state["final"] == total == os.fstat(fd).st_size
+                and os.pread(fd, total - end, end) == tail + bytes(len(tarheader.END_OF_ARCHIVE))
+            ):
+                return [(m.name, offset) for m, _, offset in placed]
+            raise PackTaken(f"{packed} holds another archive of these layers")
         if not state:  # slots are filled only before assembly starts moving them
             done = 0
             for member in kept:
@@ -138,7 +151,6 @@ def assemble_in_place(
         for member, header, offset in placed:
             os.pwrite(fd, header, offset - len(header))
             os.pwrite(fd, tarheader.padding(member.length()), offset + member.length())
-        total = end + len(tail) + len(tarheader.END_OF_ARCHIVE)
         os.pwrite(fd, tail + tarheader.END_OF_ARCHIVE, end)
         os.ftruncate(fd, total)
         os.fsync(fd)

@@ -196,6 +196,30 @@ def _cache_garbage(cache_dir: Path, kept: list[SnapshotRecord], cutoff: float) -
         else:
             present.add(blob.name)
 
+    # Blobs written only into an archive assembled in place (a pack) are found through their pointers: a pointer
+    # is collected as its blob would be, a pack once no pointer is left into it.
+    doomed_pointers: list[Path] = []
+    live_packs: set[str] = set()
+    for pointer in layout.blob_pointers():
+        try:
+            mtime = pointer.lstat().st_mtime
+            packed = jsoncheck.loads(pointer.read_bytes())["pack"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if pointer.stem not in needed and mtime < cutoff:
+            doomed_pointers.append(pointer)
+        else:
+            present.add(pointer.stem)
+            live_packs.add(str(packed))
+    doomed_packs: list[Path] = []
+    for packed in layout.packs():
+        try:
+            mtime = packed.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        if packed.name not in live_packs and mtime < cutoff:
+            doomed_packs += [packed, layout.pack_state(packed)]
+
     entries: list[Path] = []
     for record_file in layout.layer_records():
         try:
@@ -214,7 +238,7 @@ def _cache_garbage(cache_dir: Path, kept: list[SnapshotRecord], cutoff: float) -
         if isinstance(diff_ids, list) and any(str(d).removeprefix("sha256:") not in present for d in diff_ids):
             entries.append(commit)
     entries += [path for path, (_, digest) in sorted(mappings.items()) if digest not in present]
-    return entries + doomed_blobs
+    return entries + doomed_pointers + doomed_blobs + [p for p in doomed_packs if p.exists()]
 
 
 def _freed(paths: list[Path]) -> int:

@@ -247,7 +247,9 @@ class LayerCache:
         if not self.has_blob(record, recorded_ns=recorded_ns):
             return False
         try:
-            if self.blob_path(record.diff_id).stat().st_ctime_ns > recorded_ns:
+            source = self.locate(record.diff_id, record.size)
+            blob = source.path if source is not None else self.blob_path(record.diff_id)
+            if blob.stat().st_ctime_ns > recorded_ns:
                 # Verified by its digest just now: a hardlink into an OCI layout or snapshot store moves the blob's
                 # ctime without changing a byte, and without this the blob would be hashed at every later check.
                 os.utime(path)
