@@ -144,18 +144,21 @@ def write_commit_output(
         if packed is not None:
             check_free_space(dest, needed - sum(layer.size for layer in layers))
             report = None if progress is None else (lambda done: progress(done, needed))
+
+            def point(offsets: list[tuple[str, int]]) -> None:
+                for name, offset in offsets:
+                    digest = "sha256:" + name.rpartition("/")[2]
+                    if not cache.blob_path(digest).exists():
+                        cache.point(digest, packed, offset)
+
             try:
-                placed = assemble_in_place(
+                assemble_in_place(
                     packed, lambda: [(m, slot) for slot, m in enumerate(members())], small_members, mtime=mtime,
-                    progress=report,
+                    progress=report, placed=point,
                 )  # fmt: skip
             except PackTaken as e:
                 log.info("%s; copying the layers from there", e)
             else:
-                for name, offset in placed:
-                    digest = "sha256:" + name.rpartition("/")[2]
-                    if not cache.blob_path(digest).exists():
-                        cache.point(digest, packed, offset)
                 publish(packed, dest)
                 return
         check_free_space(dest, needed)

@@ -91,14 +91,16 @@ def assemble_in_place(
     *,
     mtime: int,
     progress: Callable[[int], None] | None = None,
-) -> list[tuple[str, int]]:
+    placed: Callable[[list[tuple[str, int]]], None] = lambda offsets: None,
+) -> None:
     """Make the pack at packed (store.pack) the image archive of layers (each a Member naming its blob's source,
     with its slot in the pack) and the small members: blobs not yet in their slot are copied there (shared where
     the filesystem can), the gaps collapsed, the headers and small members written around them; the same bytes
     write_image_archive would write. Resumable after a kill at any point; a pack already finished is left as it
     is. resolve gives the layers (each a Member naming where its blob is now, and its slot), asked once the pack
-    is locked: another process may have assembled it meanwhile, moving the blobs in it. Returns each layer blob's
-    name and the offset of its data in the archive."""
+    is locked: another process may have assembled it meanwhile, moving the blobs in it. placed is told each layer
+    blob's name and the offset of its data in the archive, while the pack is still locked (to point the cache
+    there before anyone else looks)."""
     state_path = CacheLayout.pack_state(packed)
     fd = os.open(packed, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -108,12 +110,12 @@ def assemble_in_place(
         slots = dict((m.name, slot) for m, slot in reversed(layers))  # a blob's first occurrence is the member
         kept = [m for m in _unique(members) if m.path is not None]
         prefix = _directory_headers(members, mtime)
-        placed, end = [], len(prefix)
+        layout, end = [], len(prefix)
         for member in kept:
             header = tarheader.build_header(
                 Header(member.name.encode(), tarheader.REGULAR, size=member.length(), mtime=mtime), align_at=end
             )
-            placed.append((member, header, end + len(header)))
+            layout.append((member, header, end + len(header)))
             end += len(header) + member.length() + len(tarheader.padding(member.length()))
         tail = b"".join(
             tarheader.build_header(Header(m.name.encode(), tarheader.REGULAR, size=len(m.data), mtime=mtime))
@@ -127,13 +129,14 @@ def assemble_in_place(
         if "final" in state:
             # Finished already: this very archive, or one of another config for the same layers (its commit
             # files were made again, with a new creation time), which stays as it is (an archive may share it).
-            in_place = all(m.path == packed and m.offset == offset for m, _, offset in placed)
+            in_place = all(m.path == packed and m.offset == offset for m, _, offset in layout)
             if (
                 in_place
                 and state["final"] == total == os.fstat(fd).st_size
                 and os.pread(fd, total - end, end) == tail + bytes(len(tarheader.END_OF_ARCHIVE))
             ):
-                return [(m.name, offset) for m, _, offset in placed]
+                placed([(m.name, offset) for m, _, offset in layout])
+                return
             raise PackTaken(f"{packed} holds another archive of these layers")
         if not state:  # slots are filled only before assembly starts moving them
             done = 0
@@ -144,11 +147,11 @@ def assemble_in_place(
                     progress(done)
             os.fsync(fd)
         regions = [pack.Region(0, 0, len(prefix))]
-        regions += [pack.Region(pack.data_offset(slots[m.name]), offset, m.length()) for m, _, offset in placed]
+        regions += [pack.Region(pack.data_offset(slots[m.name]), offset, m.length()) for m, _, offset in layout]
         pack.collapse(fd, state_path, regions)
         failpoint.reached("archive:collapsed")
         os.pwrite(fd, prefix, 0)
-        for member, header, offset in placed:
+        for member, header, offset in layout:
             os.pwrite(fd, header, offset - len(header))
             os.pwrite(fd, tarheader.padding(member.length()), offset + member.length())
         os.pwrite(fd, tail + tarheader.END_OF_ARCHIVE, end)
@@ -157,7 +160,7 @@ def assemble_in_place(
         pack.write_state(state_path, final=total)
         if progress is not None:
             progress(total)
-        return [(m.name, offset) for m, _, offset in placed]
+        placed([(m.name, offset) for m, _, offset in layout])
     finally:
         os.close(fd)
 
