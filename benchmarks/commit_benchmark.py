@@ -11,7 +11,8 @@ Compared methods, all on the same generated storage in the same run:
 - "ours cold": `luigi --module pipeline CommitImage` with an empty cache dir.
 - "ours warm": the same with the cache of an earlier run and a new --output: the container did not change, so
   every layer (its own too, keyed by its upper dir's fingerprint) comes from the cache and only the archive is
-  written.
+  written (or hardlinked from the cache while no other archive shares it: each timed archive is deleted after its
+  run, so that is the case here).
 - "podman commit + save" (only with --podman): an equivalent podman container, committed and saved; the saved
   archive and its directory are fsync'd (podman's own storage writes are podman's business).
 

@@ -29,7 +29,9 @@ Compared, on the same container in the same run:
   container's layer: before each such run (untimed) `docker exec CONTAINER touch /tmp/bench-N` changes the
   container, so its layer is packed again and the image layers come from the cache. The repeated commit of a
   running container.
-- "ours warm, unchanged": the same cache with the container unchanged: only the archive is written.
+- "ours warm, unchanged": the same cache with the container unchanged: only the archive is written (or, since
+  archives are assembled in place, hardlinked from the cache while no other archive shares it: every timed
+  archive here is deleted after its run, so that is the case).
 
 Every method runs once untimed first, and its archive is validated (`skopeo inspect docker-archive:FILE`; ours'
 image layers must have the diff_ids docker save gives them). Then --repeat timed runs per method in alternating
