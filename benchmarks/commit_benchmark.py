@@ -5,12 +5,16 @@ Compared methods, all on the same generated storage in the same run:
 - "original (made loadable)": the seed's method (seed/commit.go): GNU `tar -C <layer>/diff -cf` per layer, run
   one after another, then `sha256sum` of each layer tar, a minimal image config and manifest.json written here
   (the seed has none, so its archive would not load), and a final `tar -cf` of everything; its temporary
-  directory is removed at the end, as the seed's deferred RemoveAll does.
+  directory is removed at the end, as the seed's deferred RemoveAll does. Made durable as ours is (issue 14:
+  "durable writes on both sides"): each layer tar, each JSON file and the archive is fsync'd once written, and
+  the archive's directory after it (the seed syncs nothing; these fsyncs are inside its timed run).
 - "ours cold": `luigi --module pipeline CommitImage` with an empty cache dir.
 - "ours warm": the same with the cache of an earlier run and a new --output: the container did not change, so
   every layer (its own too, keyed by its upper dir's fingerprint) comes from the cache and only the archive is
-  written.
-- "podman commit + save" (only with --podman): an equivalent podman container, committed and saved.
+  written (or hardlinked from the cache while no other archive shares it: each timed archive is deleted after its
+  run, so that is the case here).
+- "podman commit + save" (only with --podman): an equivalent podman container, committed and saved; the saved
+  archive and its directory are fsync'd (podman's own storage writes are podman's business).
 
 Every method runs once untimed first (to warm the page cache, and to validate its archive with
 `skopeo inspect docker-archive:...`), then --repeat timed runs, interleaved in alternating order (A B C, C B A,
@@ -76,9 +80,9 @@ class Context:
 
 
 def original_commit(ctx: Context, out: Path, log: Path) -> Usage:
-    """The seed's commit plus the config it lacks (common.original_commit)."""
+    """The seed's commit plus the config it lacks (common.original_commit), every file it writes fsync'd."""
     usage = Usage()
-    common.original_commit(ctx.root, CONTAINER_ID, out, log, usage)
+    common.original_commit(ctx.root, CONTAINER_ID, out, log, usage, durable=True)
     return usage
 
 
@@ -147,6 +151,8 @@ def podman_commit(ctx: Context, out: Path, log: Path) -> Usage:
     try:
         run_child([*ctx.podman, "commit", "--quiet", "bench-ctr", tag], usage, log=log)
         run_child([*ctx.podman, "save", "--quiet", "--format", "docker-archive", "-o", str(out), tag], usage, log=log)
+        common.fsync_path(out)
+        common.fsync_path(out.parent)
     finally:
         subprocess.run([*ctx.podman, "rmi", "--force", tag], capture_output=True, check=False)
     return usage

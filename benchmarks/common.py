@@ -330,10 +330,25 @@ def tool_version(argv: list[str]) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def original_commit(root: Path, container_id: str, out: Path, log: Path, usage: Usage) -> tuple[int, int]:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (open read-only: enough for fsync on Linux)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def original_commit(
+    root: Path, container_id: str, out: Path, log: Path, usage: Usage, *, durable: bool = False
+) -> tuple[int, int]:
     """The seed's commit (seed/commit.go) of one container plus the config and manifest.json it lacks, so that the
     archive loads: GNU `tar -cf` per layer, `sha256sum` of each, then a `tar -cf` of everything; its temporary
     directory is removed at the end, as the seed's deferred RemoveAll does.
+
+    durable: as ours does with every file it writes, fsync each file once written (each layer tar after its
+    `tar -cf`, each JSON file, the archive after the final `tar -cf`) and the archive's directory. The seed itself
+    syncs nothing.
 
     Returns (layer tar + archive bytes, JSON bytes) written.
     """
@@ -348,6 +363,8 @@ def original_commit(root: Path, container_id: str, out: Path, log: Path, usage: 
             (tmp / layer_id).mkdir(mode=0o700)
             diff = root / "overlay2" / layer_id / "diff"
             run_child(["tar", "-C", str(diff), "-cf", str(tmp / layer_id / "layer.tar"), "."], usage, log=log)
+            if durable:
+                fsync_path(tmp / layer_id / "layer.tar")
             members.append(f"{layer_id}/layer.tar")
         diff_ids = []
         for member in members:
@@ -368,7 +385,13 @@ def original_commit(root: Path, container_id: str, out: Path, log: Path, usage: 
         (tmp / "manifest.json").write_text(json.dumps(manifest))
         (tmp / "repositories").write_text(json.dumps({"bench/original": {"latest": config_hex}}))
         files = [*members, f"{config_hex}.json", "repositories", "manifest.json"]
+        if durable:
+            for name in files[len(members) :]:
+                fsync_path(tmp / name)
         run_child(["tar", "-C", str(tmp), "-cf", str(out), *files], usage, log=log)
+        if durable:
+            fsync_path(out)
+            fsync_path(out.parent)
         layer_bytes = sum((tmp / m).stat().st_size for m in members)
         json_bytes = sum((tmp / f).stat().st_size for f in files[len(members) :])
     finally:
