@@ -16,6 +16,7 @@ from pipeline.errors import OutputError
 from pipeline.host.atomic import atomic_path, make_dirs, no_space_error
 from pipeline.image import ocilayout
 from pipeline.image.archive import (
+    BlobMoved,
     Member,
     PackTaken,
     archive_size,
@@ -29,7 +30,7 @@ from pipeline.image.dockerarchive import blob_name, build_docker_manifest, build
 from pipeline.image.imageconfig import CommitOptions, build_image_config, digest_of, encode_json
 from pipeline.image.reference import Reference
 from pipeline.layer.writer import LayerRecord
-from pipeline.store import compression
+from pipeline.store import compression, pack
 from pipeline.store.cache import LayerCache
 from pipeline.store.compression import StoredBlob
 
@@ -140,10 +141,35 @@ def write_commit_output(
         small |= docker_files
     small_members = [Member(name, data=data) for name, data in small.items()]
     needed = archive_size(members() + small_members)
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            _write_archive(dest, cache, packed, members, small_members, needed, mtime, progress)
+            return
+        except BlobMoved as e:
+            # Another commit assembled the pack a layer was read from, moving it: its new place is recorded.
+            if attempt == _ATTEMPTS:
+                raise
+            log.info("%s; reading it from its new place", e)
+
+
+_ATTEMPTS = 3
+
+
+def _write_archive(
+    dest: Path,
+    cache: LayerCache,
+    packed: Path | None,
+    members: Callable[[], list[Member]],
+    small_members: list[Member],
+    needed: int,
+    mtime: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """The archive at dest: assembled in packed (when given and it can be), else copied together."""
+    report = None if progress is None else (lambda done: progress(done, needed))
     try:
         if packed is not None:
-            check_free_space(dest, needed - sum(layer.size for layer in layers))
-            report = None if progress is None else (lambda done: progress(done, needed))
+            check_free_space(dest, needed - sum(m.length() for m in members()))
 
             def point(offsets: list[tuple[str, int]]) -> None:
                 for name, offset in offsets:
@@ -163,8 +189,9 @@ def write_commit_output(
                 return
         check_free_space(dest, needed)
         with atomic_path(dest) as temp:
-            report = None if progress is None else (lambda done: progress(done, needed))
             write_image_archive(temp, members() + small_members, mtime=mtime, progress=report)
+    except BlobMoved:
+        raise
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise no_space_error(dest, e, needed) from e
@@ -183,11 +210,13 @@ def publish(packed: Path, dest: Path) -> None:
         if os.stat(packed).st_nlink == 1:
             try:
                 os.link(packed, temp)
-                return
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                     raise
-        copy_archive(packed, temp)
+                copy_archive(packed, temp)
+        else:
+            copy_archive(packed, temp)
+    pack.note_verified(packed)  # the link moved its ctime; not a byte changed
 
 
 def build_archive_identity(

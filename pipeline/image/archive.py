@@ -25,6 +25,10 @@ from pipeline.store.layout import CacheLayout
 _COPY_CHUNK = 1 << 20
 
 
+class BlobMoved(OutputError):
+    """A blob read from a pack that was assembled meanwhile (by another commit): find it again."""
+
+
 class PackTaken(Exception):
     """The pack is a finished archive of other small members (config, manifests): the archive is copied."""
 
@@ -71,7 +75,7 @@ def write_image_archive(
             aligned = member.path is not None
             _write_all(fd, tarheader.build_header(header, align_at=os.lseek(fd, 0, os.SEEK_CUR) if aligned else None))
             if member.path:
-                _copy_region(member.path, member.offset, fd, size)
+                _copy_region(member.path, member.offset, fd, size, digest=_digest_of(member))
                 failpoint.reached("archive:blob-copied")
             else:
                 _write_all(fd, member.data)
@@ -105,6 +109,7 @@ def assemble_in_place(
     fd = os.open(packed, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # layer tasks writing slots, and readers, wait
+        pack.ASSEMBLING.add(str(packed))
         layers = resolve()
         members = [m for m, _ in layers] + small
         slots = dict((m.name, slot) for m, slot in reversed(layers))  # a blob's first occurrence is the member
@@ -157,18 +162,19 @@ def assemble_in_place(
         os.pwrite(fd, tail + tarheader.END_OF_ARCHIVE, end)
         os.ftruncate(fd, total)
         os.fsync(fd)
-        pack.write_state(state_path, final=total)
+        pack.write_state(state_path, final=total, ctime=os.fstat(fd).st_ctime_ns)
         if progress is not None:
             progress(total)
         placed([(m.name, offset) for m, _, offset in layout])
     finally:
+        pack.ASSEMBLING.discard(str(packed))
         os.close(fd)
 
 
 def _fill_slot(fd: int, packed: Path, member: Member, slot: int) -> None:
     """Put member's blob into its slot of the pack fd (at packed, locked by the caller), unless the slot holds it
     already (packed there)."""
-    digest = "sha256:" + member.name.rpartition("/")[2]
+    digest = _digest_of(member)
     if pack.holds(fd, pack.data_offset(slot), digest):
         return
     if member.path is None:
@@ -180,6 +186,10 @@ def _fill_slot(fd: int, packed: Path, member: Member, slot: int) -> None:
     _copy_region(member.path, member.offset, fd, member.length(), digest=None if locked else digest)
     pack.seal(fd, slot, digest, member.length())
     failpoint.reached("archive:blob-copied")
+
+
+def _digest_of(member: Member) -> str:
+    return "sha256:" + member.name.rpartition("/")[2]
 
 
 def _directory_headers(members: list[Member], mtime: int) -> bytes:
@@ -223,7 +233,7 @@ def _copy_region(path: Path, start: int, out_fd: int, size: int, *, digest: str 
         if path.suffix == ".tar" and digest is not None:
             fcntl.flock(f.fileno(), fcntl.LOCK_SH)
             if not pack.holds(f.fileno(), start, digest):
-                raise OutputError(f"{path}: no longer holds layer {digest}; re-run to pack it again")
+                raise BlobMoved(f"{path}: no longer holds layer {digest} where it was; re-run")
         offset = os.lseek(out_fd, 0, os.SEEK_CUR)
         # Blocks are shared whole: all of them, or all but a last partial one (copied), unless the range ends
         # where the file does.

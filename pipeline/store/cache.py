@@ -162,7 +162,7 @@ class LayerCache:
         if not path.exists():
             source = self.locate(record.diff_id, record.size)
             if source is not None:
-                return source.assembling or recorded_ns is None or _region_intact(source, record.diff_id, recorded_ns)
+                return source.assembling or recorded_ns is None or _region_intact(source, record.diff_id)
         return blob_intact(path, record.diff_id, record.size, recorded_ns, "packing it")
 
     def locate(self, digest: str, size: int) -> BlobSource | None:
@@ -174,22 +174,24 @@ class LayerCache:
                 return BlobSource(path, 0, size)
         except FileNotFoundError:
             pass
-        pointer = self.layout.blob_pointer(digest)
-        try:
-            doc = jsoncheck.loads(pointer.read_bytes())
-            packed = self.layout.pack_named(jsoncheck.string(doc.get("pack"), "pack"))
-            offset = jsoncheck.whole_number(doc.get("offset"), "offset", 0)
-        except FileNotFoundError:
+        pointed = self._pointer(digest)
+        if pointed is None:
             return None
-        except (OSError, ValueError, PipelineError) as e:
-            log.warning("%s: damaged blob pointer (%s); packing the layer again", pointer, e)
-            return None
+        packed, offset = pointed
         try:
             fd = os.open(packed, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            if os.fstat(fd).st_size >= offset + size and pack.holds(fd, offset, digest):
+            if not _holds(fd, offset, digest, size) and str(packed) not in pack.ASSEMBLING:
+                # Moved by an assembly in progress (another process's), which points it anew before it lets go
+                # of the pack: wait for that, then look again.
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                pointed = self._pointer(digest)
+                if pointed is None or pointed[0] != packed:
+                    return None if pointed is None else self.locate(digest, size)
+                offset = pointed[1]
+            if _holds(fd, offset, digest, size):
                 return BlobSource(packed, offset, size)
         finally:
             os.close(fd)
@@ -198,6 +200,19 @@ class LayerCache:
             # finishes it and points the blob at its new place; nobody else can read it until then.
             return BlobSource(packed, offset, size, assembling=True)
         return None
+
+    def _pointer(self, digest: str) -> tuple[Path, int] | None:
+        """The pack and offset the blob's pointer names, or None (no pointer, or a damaged one)."""
+        pointer = self.layout.blob_pointer(digest)
+        try:
+            doc = jsoncheck.loads(pointer.read_bytes())
+            packed = self.layout.pack_named(jsoncheck.string(doc.get("pack"), "pack"))
+            return packed, jsoncheck.whole_number(doc.get("offset"), "offset", 0)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, PipelineError) as e:
+            log.warning("%s: damaged blob pointer (%s); packing the layer again", pointer, e)
+            return None
 
     def forget_pointer(self, digest: str) -> None:
         """Drop a pointer to a pack that no longer holds the blob there: it is packed again when next needed."""
@@ -463,14 +478,20 @@ def blob_intact(path: Path, digest: str, size: int, recorded_ns: int | None, red
     return intact
 
 
-def _region_intact(source: BlobSource, digest: str, recorded_ns: int) -> bool:
-    """Whether a blob in a pack is intact: hashed only when the pack was finished and touched since recorded_ns
-    (a pack being assembled is written by this commit's own tasks, and its slots are sealed only when whole)."""
+def _holds(fd: int, offset: int, digest: str, size: int) -> bool:
+    return os.fstat(fd).st_size >= offset + size and pack.holds(fd, offset, digest)
+
+
+def _region_intact(source: BlobSource, digest: str) -> bool:
+    """Whether a blob in a pack is intact: hashed only when the pack is finished and was changed since its bytes
+    were last known good (store.pack.note_verified); a pack being assembled is written by its commit's own
+    tasks, and its slots are sealed only when whole."""
     try:
         st = source.path.stat()
     except FileNotFoundError:
         return False
-    if st.st_ctime_ns <= recorded_ns or not pack.read_state(CacheLayout.pack_state(source.path)).get("final"):
+    state = pack.read_state(CacheLayout.pack_state(source.path))
+    if "final" not in state or st.st_ctime_ns <= state.get("ctime", 0):
         return True
     with open(source.path, "rb", buffering=0) as f:
         f.seek(source.offset)

@@ -10,8 +10,8 @@ then writes the headers, padding and small members around them.
 
 The pack's state file says how far assembly went: {"collapsing": size before} while gaps are removed (the file's
 size then says which are gone: each removal shortens it by a known length), {"collapsed": size} once all are (the
-headers and small members are being written), {"final": size} once the pack is the finished archive, which is
-never written again.
+headers and small members are being written), {"final": size, "ctime": ns} once the pack is the finished archive,
+never written again (ctime: the file's when its bytes were last known good; a later one means it was changed).
 """
 
 import json
@@ -29,6 +29,8 @@ SLOT = 1 << 36  # 64 GiB per layer: holes cost nothing; a larger layer is packed
 HEADROOM = 2 * tarheader.ALIGNMENT  # a slot's room before its data: the provisional header, or the archive's own
 MAX_SLOTS = 192  # 12 TiB of offsets, within ext4's 16 TiB file size limit
 MAX_LAYER = SLOT - HEADROOM
+# The packs this process is assembling (holding their lock): a lookup in one of them must not wait for its lock.
+ASSEMBLING: set[str] = set()
 
 
 class PackDamaged(PipelineError):
@@ -82,11 +84,20 @@ def read_state(path: Path) -> dict[str, int]:
         return {}
     if not isinstance(doc, dict):
         return {}
-    return {k: v for k, v in doc.items() if k in ("collapsing", "collapsed", "final") and isinstance(v, int)}
+    return {k: v for k, v in doc.items() if k in ("collapsing", "collapsed", "final", "ctime") and isinstance(v, int)}
 
 
 def write_state(path: Path, **state: int) -> None:
     write_bytes_atomic(path, json.dumps(state, sort_keys=True).encode())
+
+
+def note_verified(packed: Path) -> None:
+    """Record the finished pack's ctime as one whose bytes are known good (just written, linked or hashed): a
+    later ctime means someone changed the file (an archive edited in place), and its layers are hashed again."""
+    state_path = packed.with_suffix(".json")
+    state = read_state(state_path)
+    if "final" in state:
+        write_state(state_path, final=state["final"], ctime=packed.stat().st_ctime_ns)
 
 
 @dataclass(frozen=True)
