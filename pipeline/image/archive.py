@@ -162,7 +162,7 @@ def assemble_in_place(
         os.pwrite(fd, tail + tarheader.END_OF_ARCHIVE, end)
         os.ftruncate(fd, total)
         os.fsync(fd)
-        pack.write_state(state_path, final=total, ctime=os.fstat(fd).st_ctime_ns)
+        pack.write_state(state_path, final=total, mtime=os.fstat(fd).st_mtime_ns)
         if progress is not None:
             progress(total)
         placed([(m.name, offset) for m, _, offset in layout])

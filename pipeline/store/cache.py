@@ -483,16 +483,14 @@ def _holds(fd: int, offset: int, digest: str, size: int) -> bool:
 
 
 def _region_intact(source: BlobSource, digest: str) -> bool:
-    """Whether a blob in a pack is intact: hashed only when the pack is finished and was changed since its bytes
-    were last known good (store.pack.note_verified); a pack being assembled is written by its commit's own
-    tasks, and its slots are sealed only when whole."""
+    """Whether a blob in a pack is intact: hashed only when the pack is finished and was written into since
+    (store.pack.finished_unchanged); a pack being assembled is written by its commit's own tasks, and its slots
+    are sealed only when whole."""
     try:
-        st = source.path.stat()
+        if pack.finished_unchanged(source.path) is not False:
+            return True
     except FileNotFoundError:
         return False
-    state = pack.read_state(CacheLayout.pack_state(source.path))
-    if "final" not in state or st.st_ctime_ns <= state.get("ctime", 0):
-        return True
     with open(source.path, "rb", buffering=0) as f:
         f.seek(source.offset)
         intact = _copy_hashing(f, None, source.size) == digest

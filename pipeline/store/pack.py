@@ -10,8 +10,8 @@ then writes the headers, padding and small members around them.
 
 The pack's state file says how far assembly went: {"collapsing": size before} while gaps are removed (the file's
 size then says which are gone: each removal shortens it by a known length), {"collapsed": size} once all are (the
-headers and small members are being written), {"final": size, "ctime": ns} once the pack is the finished archive,
-never written again (ctime: the file's when its bytes were last known good; a later one means it was changed).
+headers and small members are being written), {"final": size, "mtime": ns} once the pack is the finished archive,
+never written again (mtime: the file's as finished; another one means someone wrote into it).
 """
 
 import json
@@ -84,20 +84,22 @@ def read_state(path: Path) -> dict[str, int]:
         return {}
     if not isinstance(doc, dict):
         return {}
-    return {k: v for k, v in doc.items() if k in ("collapsing", "collapsed", "final", "ctime") and isinstance(v, int)}
+    return {k: v for k, v in doc.items() if k in ("collapsing", "collapsed", "final", "mtime") and isinstance(v, int)}
 
 
 def write_state(path: Path, **state: int) -> None:
     write_bytes_atomic(path, json.dumps(state, sort_keys=True).encode())
 
 
-def note_verified(packed: Path) -> None:
-    """Record the finished pack's ctime as one whose bytes are known good (just written, linked or hashed): a
-    later ctime means someone changed the file (an archive edited in place), and its layers are hashed again."""
-    state_path = packed.with_suffix(".json")
-    state = read_state(state_path)
-    if "final" in state:
-        write_state(state_path, final=state["final"], ctime=packed.stat().st_ctime_ns)
+def finished_unchanged(packed: Path) -> bool | None:
+    """Whether the finished pack still has the size and mtime it was finished with (None: not finished). Its
+    ctime says nothing here: every link made or removed (the archive published, a person deleting it) moves it;
+    writing into the file, as anyone editing an archive in place does, moves the mtime."""
+    state = read_state(packed.with_suffix(".json"))
+    if "final" not in state:
+        return None
+    st = packed.stat()
+    return st.st_size == state["final"] and st.st_mtime_ns == state.get("mtime")
 
 
 @dataclass(frozen=True)
