@@ -43,7 +43,6 @@ import stat
 import statistics
 import subprocess
 import sys
-import tarfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -231,13 +230,6 @@ def ensure_podman(workdir: Path, scale: float, root: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def layer_tar_bytes(path: Path) -> int:
-    """Total size of the layer tars a docker-archive's manifest names."""
-    layers = set(common.archive_layers(path))
-    with tarfile.open(path) as tar:
-        return sum(m.size for m in tar.getmembers() if m.name in layers)
-
-
 @dataclass
 class Result:
     method: str
@@ -359,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             common.skopeo_check(out)
             expected[name] = common.archive_layers(out)
             if method is ours_cold:
-                total_bytes = layer_tar_bytes(out)
+                total_bytes = common.layer_tar_bytes(out)
             out.unlink()
         if expected[OURS_WARM] != expected[OURS_COLD]:
             raise BenchmarkError("ours warm produced different layers than ours cold")

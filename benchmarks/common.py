@@ -409,6 +409,13 @@ def archive_layers(path: Path) -> list[str]:
     return layers
 
 
+def layer_tar_bytes(path: Path) -> int:
+    """Total size of the layer tars a docker-archive's manifest.json names."""
+    layers = set(archive_layers(path))
+    with tarfile.open(path) as tar:
+        return sum(m.size for m in tar.getmembers() if m.name in layers)
+
+
 def skopeo_check(path: Path) -> None:
     """skopeo inspect of a docker-archive; a BenchmarkError with skopeo's message when it refuses it."""
     done = subprocess.run(["skopeo", "inspect", f"docker-archive:{path}"], capture_output=True, text=True, check=False)

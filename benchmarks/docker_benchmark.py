@@ -64,7 +64,6 @@ import stat
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -357,13 +356,6 @@ def skopeo_layers(path: Path) -> list[str]:
     return layers
 
 
-def layer_tar_bytes(path: Path) -> int:
-    """Total size of the layer tars a docker-archive's manifest.json names."""
-    layers = set(common.archive_layers(path))
-    with tarfile.open(path) as tar:
-        return sum(m.size for m in tar.getmembers() if m.name in layers)
-
-
 @dataclass
 class Result:
     size: str
@@ -462,7 +454,7 @@ def run_size(ctx: Context, repeat: int) -> SizeReport:
         layers[name] = skopeo_layers(out)
         results[name].archive_bytes = out.stat().st_size
         if name == DOCKER:
-            image_bytes = layer_tar_bytes(out)
+            image_bytes = common.layer_tar_bytes(out)
         else:
             warnings = [line for line in log.read_text(errors="replace").splitlines() if " WARNING " in line]
             notes += [f"{name}: {line}" for line in warnings[:3]]
