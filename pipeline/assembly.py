@@ -141,9 +141,10 @@ def write_commit_output(
         small |= docker_files
     small_members = [Member(name, data=data) for name, data in small.items()]
     needed = archive_size(members() + small_members)
+    in_place = needed - sum(layer.size for layer in layers)  # the layers are in the pack already
     for attempt in range(1, _ATTEMPTS + 1):
         try:
-            _write_archive(dest, cache, packed, members, small_members, needed, mtime, progress)
+            _write_archive(dest, cache, packed, members, small_members, needed, in_place, mtime, progress)
             return
         except BlobMoved as e:
             # Another commit assembled the pack a layer was read from, moving it: its new place is recorded.
@@ -162,6 +163,7 @@ def _write_archive(
     members: Callable[[], list[Member]],
     small_members: list[Member],
     needed: int,
+    needed_in_place: int,
     mtime: int,
     progress: Callable[[int, int], None] | None,
 ) -> None:
@@ -169,7 +171,7 @@ def _write_archive(
     report = None if progress is None else (lambda done: progress(done, needed))
     try:
         if packed is not None:
-            check_free_space(dest, needed - sum(m.length() for m in members()))
+            check_free_space(dest, needed_in_place)
 
             def point(offsets: list[tuple[str, int]]) -> None:
                 for name, offset in offsets:

@@ -262,12 +262,13 @@ class LayerCache:
         if not self.has_blob(record, recorded_ns=recorded_ns):
             return False
         try:
-            source = self.locate(record.diff_id, record.size)
-            blob = source.path if source is not None else self.blob_path(record.diff_id)
-            if blob.stat().st_ctime_ns > recorded_ns:
+            if self.blob_path(record.diff_id).stat().st_ctime_ns > recorded_ns:
                 # Verified by its digest just now: a hardlink into an OCI layout or snapshot store moves the blob's
                 # ctime without changing a byte, and without this the blob would be hashed at every later check.
+                # (A blob in a pack has no file of its own; its pack is checked by size and mtime instead.)
                 os.utime(path)
+        except FileNotFoundError:
+            pass
         except OSError as e:
             log.debug("%s: cannot refresh the record's time (%s)", path, e)
         return True

@@ -129,7 +129,10 @@ def collapse(fd: int, state_path: Path, regions: list[Region]) -> None:
     for _, length in steps:
         sizes.append(sizes[-1] - length)
     if size not in sizes:
-        raise PackDamaged(f"{state_path}: the pack has {size} bytes, no step of its assembly leaves that many")
+        raise PackDamaged(
+            f"{state_path.with_suffix('.tar')}: {size} bytes, which no step of its assembly leaves (changed by hand?);"
+            f" delete it and {state_path.name}, then re-run"
+        )
     for offset, length in steps[sizes.index(size) :]:
         if not extents.collapse_range(fd, offset, length):
             raise OSError(f"the filesystem refused to collapse {length} bytes at {offset}")
