@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import pytest
 
 from pipeline.demo import build_sample_storage
 from tests.conftest import TOOLS
-from tests.support.cli import REPO, tree_fingerprint
+from tests.support.cli import REPO, kill_run, resume, tree_fingerprint
 from tests.support.fleet import add_container, set_fixed_mtimes
 from tests.support.imagecheck import check_image_archive, compare_trees, unpack_layers_with_python
 from tests.support.luigid import (  # noqa: F401 - the `luigid` fixture
@@ -194,7 +193,7 @@ def test_a_packing_layer_shows_bytes_and_percentage_in_luigid(luigid: Luigid, tm
     with _running([_start_luigi(args, log, env)]) as (process,):
         _wait_until_stopped(process, log)
         while_stopped = _layer_tasks(luigid)
-        process.send_signal(signal.SIGCONT)
+        resume(process.pid)
         assert _wait_all([process], [log]) == (0,)
     after = _layer_tasks(luigid)
 
@@ -356,8 +355,7 @@ def _running(processes: list[subprocess.Popen[bytes]]) -> Iterator[list[subproce
     finally:
         for process in processes:
             if process.poll() is None:
-                process.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGKILL's exit until resumed
-                process.kill()
+                kill_run(process)
             process.wait(timeout=30)
 
 

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 
 from pipeline.demo import build_sample_storage
 from tests.support.cachefiles import blob_bytes
-from tests.support.cli import REPO, commit_args
+from tests.support.cli import REPO, commit_args, resume
 from tests.support.imagecheck import read_archive_manifest
 
 
@@ -91,7 +90,7 @@ def test_two_commits_of_one_container_at_once_both_succeed_and_pack_each_layer_o
         assert second.stderr is not None
         seen = _read_until(second.stderr, "waiting for another process")
     finally:
-        os.kill(first.pid, signal.SIGCONT)
+        resume(first.pid)
         if second is None:
             first.kill()
     log = _finish([first, second]) + "".join(seen)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.demo import build_sample_storage
+from pipeline.host import process
+from pipeline.host.atomic import is_partial, remove_abandoned_partials
 from pipeline.store.cache import LayerCache
 from tests.support.cli import REPO, commit_args, run_luigi, tree_fingerprint
 
@@ -114,3 +116,23 @@ def test_kill_at_a_random_moment_never_leaves_a_partial_archive(tmp_path: Path, 
     _assert_only_complete_targets(work, reference)
     assert run_luigi(*args, env=EPOCH).returncode == 0
     assert (work / "out" / "img.tar").read_bytes() == reference
+
+
+def test_the_temporary_file_of_a_killed_writer_not_yet_reaped_is_removed(tmp_path: Path) -> None:
+    """luigi's workers are forked: killed with their run, they stay zombies until init reaps them, and the next run
+    must still take their temporary files for abandoned (a zombie's pid answers kill(pid, 0))."""
+    script = (
+        "import os, signal, sys; from pathlib import Path; from pipeline.host.atomic import partial_path\n"
+        "partial_path(Path(sys.argv[1])).write_bytes(b'half'); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "target")], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while process.state(writer.pid) != b"Z":
+            assert time.monotonic() < deadline, "the writer never died"
+            time.sleep(0.01)
+        [partial] = [p for p in tmp_path.iterdir() if is_partial(p)]
+        assert remove_abandoned_partials(tmp_path) == [partial]
+        assert not partial.exists()
+    finally:
+        assert writer.wait(timeout=60) == -signal.SIGKILL

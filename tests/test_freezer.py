@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import FreezerError
+from pipeline.host import process
 from pipeline.host.freezer import (
     MARKER_SUFFIX,
     Freezer,
@@ -309,6 +310,26 @@ def test_thaw_abandoned_thaws_the_cgroup_of_a_commit_killed_while_frozen(contain
     assert not freezer.is_frozen()
     assert grows(counter)
     assert markers(marker_dir) == []
+
+
+@pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)
+def test_thaw_abandoned_thaws_for_a_killed_commit_not_yet_reaped(container: Cgroup, tmp_path: Path) -> None:
+    """With luigi's --workers the process that froze the container is a forked worker: killed with its run, it stays
+    a zombie until init reaps it, and the next run must not take it for a live commit (kill(pid, 0) answers)."""
+    counter, marker_dir = tmp_path / "counter", tmp_path / "markers"
+    held = container.start_counter(counter)
+    argv = [sys.executable, "-c", KILLED_COMMIT_SCRIPT, str(held.pid), str(marker_dir), CID]
+    commit = subprocess.Popen(argv, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while process.state(commit.pid) != b"Z":
+            assert time.monotonic() < deadline, "the commit never died"
+            time.sleep(0.01)
+        assert Freezer(container.path, container.version).is_frozen()
+        assert thaw_abandoned(marker_dir) == [container.path]
+        assert grows(counter)
+    finally:
+        assert commit.wait(timeout=60) == -signal.SIGKILL
 
 
 @pytest.mark.parametrize("cgroup", VERSIONS, indirect=True)

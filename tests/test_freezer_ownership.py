@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from tests.support.cgroups import VERSIONS, Cgroup, FreezerWatch, grows
 from tests.support.cli import (
     CONTAINER_LAYER_PACK,
     commit_args,
+    resume,
     run_luigi,
     start_commit_stopped_at_container_layer,
 )
@@ -62,7 +62,7 @@ def test_commit_never_freezes_an_unrelated_process_given_as_the_containers_pid(c
             assert cgroup.freezer_state() == "THAWED"
             assert grows(counter)
         finally:
-            os.kill(commit.pid, signal.SIGCONT)
+            resume(commit.pid)
         _, stderr = commit.communicate(timeout=120)
     assert commit.returncode == 0, stderr
     assert watch.states == {"THAWED"}
@@ -97,7 +97,7 @@ def test_commit_of_a_container_paused_before_leaves_it_paused(
         try:
             assert container.freezer_state() == "FROZEN"
         finally:
-            os.kill(commit.pid, signal.SIGCONT)
+            resume(commit.pid)
         _, stderr = commit.communicate(timeout=120)
     assert commit.returncode == 0, stderr
     assert watch.states == {"FROZEN"}  # never thawed, not even for a moment

@@ -1,7 +1,6 @@
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -13,7 +12,7 @@ import pytest
 from pipeline.demo import build_sample_storage
 from pipeline.snapshots.catalog import SnapshotRecord, pruned_path, read_records, record_path
 from pipeline.snapshots.retention import apply_retention, plan_retention
-from tests.support.cli import REPO, commit_args, run_luigi
+from tests.support.cli import REPO, commit_args, resume, run_luigi
 from tests.support.imagecheck import read_archive_manifest
 
 Completed = subprocess.CompletedProcess[str]
@@ -244,7 +243,7 @@ def test_a_commit_using_blobs_keeps_them_while_retention_runs(storage: tuple[Pat
         assert retention.returncode == 0, retention.stderr
         assert "in use" in retention.stderr, retention.stderr
     finally:
-        commit.send_signal(signal.SIGCONT)
+        resume(commit.pid)
         stderr = commit.communicate(timeout=120)[1]
     assert commit.returncode == 0, stderr
     with tarfile.open(archive) as tar:  # whole: every blob there, each matching its name

@@ -2,8 +2,6 @@
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +15,7 @@ from tests.support.cli import (
     CONTAINER_LAYER_PACK,
     REPO,
     commit_args,
+    resume,
     run_luigi,
     start_commit_stopped_at_container_layer,
 )
@@ -47,7 +46,7 @@ def test_running_container_is_frozen_while_its_layer_is_packed(cgroup: Cgroup, t
         assert Freezer(cgroup.path, cgroup.version).is_frozen()
         assert not grows(counter)
     finally:
-        os.kill(commit.pid, signal.SIGCONT)
+        resume(commit.pid)
     _, stderr = commit.communicate(timeout=120)
     assert commit.returncode == 0, stderr
     assert not Freezer(cgroup.path, cgroup.version).is_frozen()
@@ -66,7 +65,7 @@ def test_pause_false_leaves_the_container_running(cgroup: Cgroup, tmp_path: Path
         assert not Freezer(cgroup.path, cgroup.version).is_frozen()
         assert grows(counter)
     finally:
-        os.kill(commit.pid, signal.SIGCONT)
+        resume(commit.pid)
     commit.communicate(timeout=120)
     assert commit.returncode == 0
 

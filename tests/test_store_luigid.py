@@ -7,9 +7,7 @@ done, and FAILED with a one-line error for the container that cannot be snapshot
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +20,7 @@ import pytest
 
 from pipeline.snapshots.catalog import SnapshotRecord, read_records
 from pipeline.snapshots.store import REF_NAME
-from tests.support.cli import REPO, tree_fingerprint
+from tests.support.cli import REPO, is_stopped, kill_run, resume, tree_fingerprint
 from tests.support.fleet import add_container
 from tests.support.imagecheck import compare_trees
 from tests.support.luigid import Luigid, run_luigid, scrubbed_env
@@ -90,19 +88,6 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in scrubbed_env().items() if k not in unset} | {"PIPELINE_WAIT_SECONDS": "60"}
 
 
-def _stopped_children(pid: int) -> list[int]:
-    """The stopped (SIGSTOP) child processes of pid: luigi's worker processes, which it forks per task."""
-    found = []
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat_file.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if fields[1] == str(pid) and fields[0] == "T":
-            found.append(int(stat_file.parent.name))
-    return found
-
-
 def _until(condition: Any, what: str, processes: list[subprocess.Popen[bytes]], logs: list[Path]) -> None:
     deadline = time.monotonic() + RUN_TIMEOUT
     while not condition():
@@ -113,9 +98,9 @@ def _until(condition: Any, what: str, processes: list[subprocess.Popen[bytes]], 
 
 
 def _two_runs(server: Luigid, root: Path, work: Path, stamp: str) -> Phase:
-    """Two runs of stamp at once. Each starts in about a second, so they are made to overlap: the first one's workers
-    stop where a snapshot is about to be taken (a failpoint) until the second one has scheduled its tasks, whose
-    workers then take the rest; the first one's workers are resumed as they stop until it ends."""
+    """Two runs of stamp at once. Each starts in about a second, so they are made to overlap: the first one stops
+    (its luigi process and its workers, a failpoint) where a snapshot is about to be taken until the second one has
+    scheduled its tasks, whose workers then take the rest; then the first one goes on to its end."""
     args = [sys.executable, "-m", "pipeline", "run", "SnapshotAll", "--snapshot", stamp, "--storage-root", str(root)]
     args += ["--commit-output-dir", str(work / "out"), "--commit-cache-dir", str(work / "cache"), "--workers", "2"]
     args += server.flags()
@@ -128,23 +113,17 @@ def _two_runs(server: Luigid, root: Path, work: Path, stamp: str) -> Phase:
                 processes.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT))
             if not env.get("PIPELINE_FAILPOINTS"):
                 break
-            _until(lambda: _stopped_children(processes[0].pid), "the first run took no snapshot", processes, logs)
+            _until(lambda: is_stopped(processes[0].pid), "the first run took no snapshot", processes, logs)
         first, second = processes
         _until(lambda: "Done scheduling tasks" in logs[1].read_text(), "the second run never scheduled", [second], logs)
+        resume(first.pid)
         deadline = time.monotonic() + RUN_TIMEOUT
-        while first.poll() is None and time.monotonic() < deadline:
-            for pid in _stopped_children(first.pid):
-                os.kill(pid, signal.SIGCONT)
-            time.sleep(0.02)
         for process in processes:
             process.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for process in processes:
             if process.poll() is None:
-                for pid in _stopped_children(process.pid):
-                    os.kill(pid, signal.SIGKILL)
-                process.kill()
-                process.wait(timeout=30)
+                kill_run(process)
     label = stamp.replace("-", "_")
     tasks = {
         status: {k: t for k, t in server.call("task_list", status=status, limit=False).items() if label in k}

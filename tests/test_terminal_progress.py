@@ -4,6 +4,7 @@ with stderr not a terminal, none of it."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pty
 import re
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,3 +93,40 @@ def test_the_line_is_redrawn_at_most_five_times_a_second(monkeypatch: pytest.Mon
     redraws = drawn.count(" left\x1b[K")
     assert calls > 100 and 1 <= redraws <= 4, (calls, redraws)
     assert drawn.endswith("\x1b[K\r\n") and "MiB packed in 0." in drawn
+
+
+def _draw_for(key: str, seconds: float, started: Any) -> None:
+    """In a forked process: draw the progress of key for seconds, then its closing line; started is set once the
+    first update was made."""
+    begun = time.monotonic()
+    done = 0
+    while time.monotonic() - begun < seconds:
+        terminal.update(key, key, done, 1 << 30)
+        started.set()
+        done += 1 << 20
+        time.sleep(0.01)
+    terminal.finish(key)
+
+
+def test_workers_sharing_a_terminal_take_turns_at_the_line_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """luigi's --workers 2 runs two layer tasks at once in two processes: the second one's line in place waits for
+    the first one's work to end (one line redrawn by two processes would flicker between them)."""
+    parent, child = pty.openpty()
+    context = multiprocessing.get_context("fork")
+    with os.fdopen(child, "w") as tty:
+        monkeypatch.setattr(sys, "stderr", tty)
+        first_started, second_started = context.Event(), context.Event()
+        first = context.Process(target=_draw_for, args=("first", 1.0, first_started))
+        second = context.Process(target=_draw_for, args=("second", 1.6, second_started))
+        first.start()
+        assert first_started.wait(10)
+        second.start()
+        for process in (first, second):
+            process.join(30)
+            assert process.exitcode == 0
+    drawn = _read_all(parent).decode().replace("\r\n", "\n")
+    first_closed = drawn.index("first: ") + drawn[drawn.index("first: ") :].index(" packed in ")
+    second_in_place = [m.start() for m in re.finditer(r"\rsecond: [^\r]* left\x1b\[K", drawn)]
+    assert drawn.count("\rfirst: ") >= 3 and second_in_place, drawn
+    assert min(second_in_place) > first_closed, drawn  # never drawn while the first one held the line
+    assert re.search(r"\rsecond: \d+\.\d MiB packed in 1\.\d s", drawn), drawn

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from pipeline import jsoncheck
 from pipeline.errors import FreezerError
+from pipeline.host import process
 from pipeline.host.atomic import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -438,7 +439,7 @@ def _write_marker(marker_dir: Path, freezer: Freezer, pid: int, label: str, cont
         "owner_pid": owner,
         # A pid alone cannot tell a dead owner from a newer process that reused its number, nor this machine's
         # commits from another's when marker_dir is shared; start time, boot id and host can.
-        "owner_start": _start_time(owner),
+        "owner_start": process.start_time(owner),
         "boot_id": _boot_id(),
         "host": socket.gethostname(),
     }
@@ -482,13 +483,9 @@ def _judge_owner(marker: _Marker) -> str:
     """'live', 'dead' (thaw), 'rebooted' (drop: no freeze survives a reboot) or 'foreign' (another machine's)."""
     if marker.boot_id is not None and marker.boot_id != _boot_id():
         return "rebooted" if marker.host in (None, socket.gethostname()) else "foreign"
-    try:
-        os.kill(marker.owner_pid, 0)
-    except ProcessLookupError:
+    if not process.is_alive(marker.owner_pid):  # gone, or killed and not yet reaped: it thaws nothing
         return "dead"
-    except PermissionError:
-        pass  # alive, owned by another user
-    if marker.owner_start is not None and _start_time(marker.owner_pid) != marker.owner_start:
+    if marker.owner_start is not None and process.start_time(marker.owner_pid) != marker.owner_start:
         return "dead"  # the number now names a newer process
     return "live"
 
@@ -514,16 +511,6 @@ def _not_frozen_by(marker: _Marker) -> str | None:
     if inode != marker.cgroup_inode:
         return "it is a newer cgroup at that path (the container restarted since), which that commit never froze"
     return None
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks after boot (/proc/<pid>/stat field 22), None if it is gone."""
-    try:
-        stat = (_PROC / str(pid) / "stat").read_bytes()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses, so count fields after its closing one.
-    return int(stat.rpartition(b")")[2].split()[19])
 
 
 def _boot_id() -> str | None:

@@ -1,7 +1,14 @@
 """Progress a person can watch: on a terminal, one line per piece of work (a layer packed, an archive written) on
 stderr, redrawn in place at most five times a second with bytes done of total, rate and time left, and a closing
-line with the size, time and rate. Nothing at all when stderr is not a terminal (logs, cron, systemd)."""
+line with the size, time and rate. Nothing at all when stderr is not a terminal (logs, cron, systemd).
 
+luigi's --workers N runs tasks in N processes that share the terminal: one of them at a time redraws the line in
+place, the one holding an exclusive flock on its own opening of the terminal, taken when it has work to show and
+given up when it has none left; the others' lines wait for it (a closing line is written by whichever process
+finishes the work, on a line of its own, and the line in place is redrawn under it)."""
+
+import fcntl
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +29,7 @@ class _Line:
 
 
 _lines: dict[str, _Line] = {}
+_held: int | None = None  # this process's opening of the terminal, flocked while it draws the line in place
 
 
 def enabled() -> bool:
@@ -39,7 +47,7 @@ def update(key: str, label: str, done: int, total: int, *, verb: str = "packed")
     now = time.monotonic()
     line = _lines.setdefault(key, _Line(label, verb, now))
     line.done, line.total = done, max(total, done)
-    if now - line.drawn < _INTERVAL:
+    if now - line.drawn < _INTERVAL or not _hold():
         return
     line.drawn = now
     rate = done / max(now - line.started, 1e-3)
@@ -55,6 +63,32 @@ def finish(key: str) -> None:
     elapsed = max(time.monotonic() - line.started, 1e-3)
     size = line.done / MIB
     _draw(f"{line.label}: {size:.1f} MiB {line.verb} in {elapsed:.1f} s ({size / elapsed:.1f} MiB/s)", end="\n")
+    if not _lines:
+        _let_go()
+
+
+def _hold() -> bool:
+    """Whether this process may draw the line in place: it holds the terminal's flock, or takes it now."""
+    global _held
+    if _held is None:
+        try:
+            fd = os.open(f"/proc/self/fd/{sys.stderr.fileno()}", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+        except (OSError, ValueError):  # no way to share the terminal politely: draw anyway, as with one worker
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another process draws now
+            os.close(fd)
+            return False
+        _held = fd
+    return True
+
+
+def _let_go() -> None:
+    global _held
+    if _held is not None:
+        os.close(_held)  # the flock goes with the last descriptor of this opening
+        _held = None
 
 
 def _duration(seconds: float) -> str:

@@ -3,11 +3,13 @@
 import hashlib
 import os
 import resource
+import signal
 import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -120,9 +122,25 @@ def is_stopped(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "T"
 
 
+def resume(pid: int) -> None:
+    """SIGCONT a run a failpoint stopped: its luigi process (pid) and the task processes its workers forked, which
+    share its process group (pipeline/host/failpoint.py)."""
+    os.killpg(pid, signal.SIGCONT)
+
+
+def kill_run(process: subprocess.Popen[Any]) -> None:
+    """SIGKILL a run that may be stopped, with every task process it forked when it leads a process group (an armed
+    failpoint makes it one), and reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # not a group of its own: the process alone
+        process.kill()
+    process.wait(timeout=30)
+
+
 def start_commit_stopped_at_container_layer(args: list[str]) -> subprocess.Popen[str]:
     """`luigi --module pipeline ARGS`, SIGSTOPped where the container's layer is about to be packed; the caller
-    resumes it with SIGCONT and waits for it."""
+    resumes it (resume) and waits for it."""
     env = os.environ | {"PIPELINE_FAILPOINTS": f"{CONTAINER_LAYER_PACK}:stop"}
     command = [sys.executable, "-m", "luigi", "--module", "pipeline", *args, "--local-scheduler"]
     process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
