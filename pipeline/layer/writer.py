@@ -10,9 +10,12 @@ import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
+import queue
 import re
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+# A clone's read-back (HashingSink.clone_from): three 4 MiB buffers, one hashed while the next ones are read.
+_READ_BACK_CHUNK = 4 << 20
+_READ_BACK_BUFFERS = 3
 _ZEROS = memoryview(bytes(_CHUNK))
 _DIFF_ID = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -96,24 +102,67 @@ class HashingSink:
         self._out.flush()
         if not reflink.clone_range(src_fd, 0, count, self._fd, offset):
             return False
-        read_fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            buf = memoryview(bytearray(_CHUNK))
-            done = 0
-            while done < count:
-                n = os.preadv(read_fd, [buf[: min(count - done, _CHUNK)]], offset + done)
-                if not n:
-                    raise OSError(errno.EIO, f"{count} bytes cloned at {offset}, {done} read back")
-                self._hash.update(buf[:n])
-                done += n
-        finally:
-            os.close(read_fd)
+        _hash_range(f"/proc/self/fd/{self._fd}", offset, count, self._hash)
         self._out.seek(offset + count)
         self.size += count
         return True
 
     def record(self) -> LayerRecord:
         return LayerRecord(diff_id="sha256:" + self._hash.hexdigest(), size=self.size)
+
+
+def _hash_range(path: str, offset: int, count: int, digest: "hashlib._Hash") -> None:
+    """Hash count bytes of the file at path from offset (ALIGNMENT-aligned), as read from the file.
+
+    Read with O_DIRECT where the filesystem allows it: the bytes were just cloned, nothing reads them again, and
+    going around the page cache neither fills it with them nor copies them twice. A thread reads the next chunk
+    while this one hashes the last (preadv and sha256 both let go of the GIL). Measured on a 2 GiB file cloned
+    on XFS: read then hash 3.3 s; overlapped 2.6-3.1 s buffered, 1.7 s with O_DIRECT (sha256 alone: 1.55 s)."""
+    try:
+        fd, direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT), True
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        fd, direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+    free: queue.Queue[memoryview] = queue.Queue()
+    full: queue.Queue[tuple[memoryview, int] | BaseException | None] = queue.Queue()
+    for _ in range(_READ_BACK_BUFFERS):
+        free.put(memoryview(mmap.mmap(-1, _READ_BACK_CHUNK)))  # page-aligned, as O_DIRECT needs
+    stop = threading.Event()  # the hashing side ended early (an exception): read no further
+
+    def read() -> None:
+        done = 0
+        try:
+            while done < count:
+                buf = free.get()
+                if stop.is_set():
+                    return
+                want = min(count - done, _READ_BACK_CHUNK)
+                # O_DIRECT reads whole blocks: round up, and hash only what is wanted of what came back.
+                length = -(-want // tarheader.ALIGNMENT) * tarheader.ALIGNMENT if direct else want
+                n = min(os.preadv(fd, [buf[:length]], offset + done), want)
+                if not n:
+                    raise OSError(errno.EIO, f"{count} bytes cloned at {offset}, {done} read back")
+                full.put((buf, n))
+                done += n
+            full.put(None)
+        except BaseException as e:  # handed to the hashing side, which raises it
+            full.put(e)
+
+    reader = threading.Thread(target=read, name="read-back", daemon=True)
+    reader.start()
+    try:
+        while (item := full.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            buf, n = item
+            digest.update(buf[:n])
+            free.put(buf)
+    finally:
+        stop.set()
+        free.put(memoryview(b""))  # wakes a reader waiting for a buffer, to see stop
+        reader.join()
+        os.close(fd)
 
 
 class LayerTar:
