@@ -39,6 +39,22 @@ def test_luigi_module_pipeline_registers_every_entry_point() -> None:
     assert result.stdout.strip() == "['CommitImage', 'PushImage', 'SnapshotAll']"
 
 
+def test_only_tasks_one_can_run_add_flags_to_luigis_command_line() -> None:
+    """luigi builds its parser, one flag per parameter of every registered class, nine times per run: the abstract
+    bases (HostTask, StorageTask, _LayerTask, _CommitTask, _DerivedFile) stay out of the registry, and every task
+    and config class that can be named on the command line stays in it."""
+    code = (
+        "import luigi, importlib; importlib.import_module('pipeline');"
+        " from luigi.task_register import Register;"
+        " print(' '.join(sorted(n for n, c in Register._get_reg().items() if c.__module__.startswith('pipeline'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    concrete = "CommitImage PackContainerLayer PackImageLayer PackSquashedLayer PushImage ReuseSnapshots SnapshotAll"
+    concrete += " SnapshotContainer WriteIidFile WriteImageArchive WriteImageConfig WriteManifest WriteRepositories"
+    assert result.stdout.split() == sorted([*concrete.split(), "commit", "registry", "schedule", "storage"])
+
+
 def test_tasks_load_on_attribute_access_without_luigi_preloaded() -> None:
     code = "import sys, pipeline; assert 'luigi' not in sys.modules; print(pipeline.CommitImage.__name__)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

@@ -47,6 +47,8 @@ class _LayerTask(HostTask):
     """Packs one layer_dir into the cache; its target is the layer's record (diff_id, size), named by the
     layer's source key (commit.LayerSource), so a record is only ever found for the content it was made from."""
 
+    _abstract = True
+
     layer_dir: str = luigi.Parameter(visibility=HIDDEN)
     source_key: str = luigi.Parameter(visibility=HIDDEN)
     cache_dir: str = luigi.Parameter(visibility=HIDDEN)
@@ -154,6 +156,8 @@ class PackSquashedLayer(PackContainerLayer):
 class _CommitTask(StorageTask):
     """Parameters shared by every task of one commit: the container's state as this run took it (the layers'
     source keys and its metadata digest) and the options, so every target below is named by what it is made of."""
+
+    _abstract = True
 
     container_id: str = luigi.Parameter()
     container_name: str = luigi.Parameter(default="", significant=False, description="the container's name")
@@ -270,6 +274,8 @@ class _CommitTask(StorageTask):
 class _DerivedFile(_CommitTask):
     """A target computed from other targets' bytes: complete exactly when it holds what build() gives now, so a
     changed input (a layer packed again to another diff_id, a new config) makes it be written again."""
+
+    _abstract = True
 
     def build(self, *, final: bool) -> bytes | None:
         """The bytes this target must hold, or None while an input is missing; final=False must stay cheap."""
