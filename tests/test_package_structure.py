@@ -22,21 +22,27 @@ print(len(core))
 """
 
 
-def test_every_core_module_imports_without_luigi() -> None:
-    result = subprocess.run([sys.executable, "-c", _IMPORT_CORE], cwd=REPO, capture_output=True, text=True)
+def _python(code: str) -> str:
+    """What a fresh interpreter running code in the repository root prints; it must exit 0."""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout) >= 30  # the walk found the core's modules, not an empty package
+    return result.stdout.strip()
+
+
+# As `luigi --module pipeline` loads the package: luigi first.
+_WITH_LUIGI = "import luigi, importlib; importlib.import_module('pipeline'); from luigi.task_register import Register;"
+
+
+def test_every_core_module_imports_without_luigi() -> None:
+    assert int(_python(_IMPORT_CORE)) >= 30  # the walk found the core's modules, not an empty package
 
 
 def test_luigi_module_pipeline_registers_every_entry_point() -> None:
     code = (
-        "import luigi, importlib; importlib.import_module('pipeline');"
-        " from luigi.task_register import Register;"
-        " print(sorted(n for n in ('CommitImage', 'PushImage', 'SnapshotAll') if Register.get_task_cls(n)))"
+        _WITH_LUIGI
+        + " print(sorted(n for n in ('CommitImage', 'PushImage', 'SnapshotAll') if Register.get_task_cls(n)))"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['CommitImage', 'PushImage', 'SnapshotAll']"
+    assert _python(code) == "['CommitImage', 'PushImage', 'SnapshotAll']"
 
 
 def test_only_tasks_one_can_run_add_flags_to_luigis_command_line() -> None:
@@ -44,22 +50,18 @@ def test_only_tasks_one_can_run_add_flags_to_luigis_command_line() -> None:
     bases (HostTask, StorageTask, _LayerTask, _CommitTask, _DerivedFile) stay out of the registry, and every task
     and config class that can be named on the command line stays in it."""
     code = (
-        "import luigi, importlib; importlib.import_module('pipeline');"
-        " from luigi.task_register import Register;"
-        " print(' '.join(sorted(n for n, c in Register._get_reg().items() if c.__module__.startswith('pipeline'))))"
+        _WITH_LUIGI
+        + " print(*sorted(n for n, c in Register._get_reg().items() if c.__module__.startswith('pipeline')))"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    registered = _python(code).split()
     concrete = "CommitImage PackContainerLayer PackImageLayer PackSquashedLayer PushImage ReuseSnapshots SnapshotAll"
     concrete += " SnapshotContainer WriteIidFile WriteImageArchive WriteImageConfig WriteManifest WriteRepositories"
-    assert result.stdout.split() == sorted([*concrete.split(), "commit", "registry", "schedule", "storage"])
+    assert registered == sorted([*concrete.split(), "commit", "registry", "schedule", "storage"])
 
 
 def test_tasks_load_on_attribute_access_without_luigi_preloaded() -> None:
     code = "import sys, pipeline; assert 'luigi' not in sys.modules; print(pipeline.CommitImage.__name__)"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "CommitImage"
+    assert _python(code) == "CommitImage"
 
 
 # Highest first: a part may import itself and any part below it, never one above.
