@@ -60,6 +60,13 @@ class OneLineStderr(logging.StreamHandler[TextIO]):
         super().__init__(stream)  # None: sys.stderr
         self._reported: list[BaseException] = []  # strong references: ids of dead exceptions get reused
 
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        # On a terminal a progress line (host/terminal.py) may stand drawn without its newline, by this process or
+        # another worker's: a record erases it and takes the line (the progress is drawn again below at its next
+        # update) instead of being appended to its end.
+        return _ERASE_LINE + text if _is_terminal(self.stream) else text
+
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if error is not None and scheduler_unreachable(error):
@@ -67,6 +74,16 @@ class OneLineStderr(logging.StreamHandler[TextIO]):
                 return False
             self._reported.append(error)
         return bool(super().filter(record))
+
+
+_ERASE_LINE = "\r\x1b[K"  # to the line's start, then erase to its end
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def one_line(message: str) -> str:

@@ -3,6 +3,8 @@ other exception (a bug, luigid answering nonsense) keeps its traceback."""
 
 import io
 import logging
+import os
+import pty
 import socket
 import urllib.error
 from collections.abc import Iterator
@@ -98,3 +100,19 @@ def test_exc_info_without_an_exception_prints_no_bogus_line(logger: tuple[loggin
     log, out = logger
     log.warning("Failed connecting to remote scheduler %r", URL, exc_info=True)  # as luigi/rpc.py's retry log does
     assert out.getvalue() == f"WARNING {log.name}: Failed connecting to remote scheduler '{URL}'\n"
+
+
+def test_on_a_terminal_a_record_takes_the_line_a_progress_line_stands_on() -> None:
+    """host/terminal.py draws progress in place, without a newline: a log record (this process's or another
+    worker's) erases that line and starts at its beginning; written to a file or pipe, a record is unchanged."""
+    parent, child = pty.openpty()
+    with os.fdopen(child, "w") as tty:
+        handler = OneLineStderr(tty)
+        tty.write("\rweb-1: 3.0 of 9.0 MiB packed, 1.0 MiB/s, 0:06 left\x1b[K")
+        handler.emit(logging.makeLogRecord({"name": "pipeline", "levelname": "INFO", "msg": "packed web-1"}))
+    drawn = os.read(parent, 4096).decode()
+    os.close(parent)
+    assert drawn.endswith("left\x1b[K\r\x1b[Kpacked web-1\r\n"), repr(drawn)
+    piped = io.StringIO()
+    OneLineStderr(piped).emit(logging.makeLogRecord({"name": "pipeline", "levelname": "INFO", "msg": "packed web-1"}))
+    assert piped.getvalue() == "packed web-1\n"
