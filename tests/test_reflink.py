@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
 import resource
 import tarfile
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.layer.tarheader import ALIGN_DATA_FROM, ALIGNMENT
+from pipeline.layer.writer import HashingSink
 from pipeline.store.cache import BlobSource
 from tests.support.cachefiles import blob_source
 from tests.support.cli import commit_args, run_luigi
@@ -131,3 +133,33 @@ def test_only_files_of_the_threshold_are_aligned_on_any_filesystem(tmp_path: Pat
                 else:
                     assert "comment" not in m.pax_headers, (layer, m.name)
     assert large >= 1  # the sample holds one, so the rule was exercised
+
+
+@pytest.mark.parametrize("kind", ["xfs", "btrfs"])
+def test_a_file_is_shared_into_a_pack_that_already_holds_a_later_layer(kind: str, tmp_path: Path) -> None:
+    """With two workers, a later slot of the commit's pack (store.pack) may be written before an earlier one: the
+    kernel refuses to clone a range ending mid-block short of the file's end, so the whole blocks are shared and
+    only the last partial one copied; the digest is still of the bytes the pack holds."""
+    reason = missing_tools(kind)
+    if reason:
+        pytest.skip(reason)
+    data = random.Random(11).randbytes(BIG)
+    with loop_filesystem(kind, tmp_path / f"{kind}.img", tmp_path / "fs") as fs:
+        source = fs / "model.bin"
+        source.write_bytes(data)
+        with open(fs / "pack.tar", "w+b") as pack:
+            os.pwrite(pack.fileno(), b"a later layer", 1 << 30)  # its slot, beyond this one: the pack's end
+            pack.write(b"h" * ALIGNMENT)  # this layer's first header
+            sink = HashingSink(pack)
+            sink.write(b"h" * ALIGNMENT)
+            with open(source, "rb") as src:
+                assert sink.clone_from(src.fileno(), BIG, str(source))
+            record = sink.record()
+        assert record.size == ALIGNMENT + BIG
+        assert record.diff_id == "sha256:" + hashlib.sha256(b"h" * ALIGNMENT + data).hexdigest()
+        with open(fs / "pack.tar", "rb") as f:
+            f.seek(2 * ALIGNMENT)
+            assert f.read(BIG) == data
+        whole = BIG - BIG % ALIGNMENT
+        assert -1 not in physical_blocks(source, 0, whole)
+        assert physical_blocks(fs / "pack.tar", 2 * ALIGNMENT, whole) == physical_blocks(source, 0, whole)

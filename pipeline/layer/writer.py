@@ -92,16 +92,28 @@ class HashingSink:
         self._out.write(data)
         self.size += len(data)
 
-    def clone_from(self, src_fd: int, count: int) -> bool:
-        """Append the first count bytes of src_fd by sharing its extents (host.reflink), hashing them as read
-        back from out itself, so the digest is of what out holds whatever src does meanwhile; False (nothing
-        appended) where out is no regular file, the offset is not aligned or the filesystem refuses."""
+    def clone_from(self, src_fd: int, count: int, what: str) -> bool:
+        """Append the first count bytes of src_fd (the file what names) by sharing its extents (host.reflink),
+        hashing them as read back from out itself, so the digest is of what out holds whatever src does meanwhile;
+        False (nothing appended) where out is no regular file, the offset is not aligned or the filesystem
+        refuses.
+
+        Whole blocks are shared and the last partial one is copied: the kernel clones a range that ends mid-block
+        only to the end of both files, and in a pack (store.pack) another worker's layer may already lie beyond
+        this one (measured on XFS with two workers: every file of a size not a multiple of 4 KiB was refused, and
+        copied whole)."""
         offset = self._start + self.size
         if self._fd is None or offset % tarheader.ALIGNMENT:
             return False
         self._out.flush()
-        if not reflink.clone_range(src_fd, 0, count, self._fd, offset):
+        head = count - count % tarheader.ALIGNMENT
+        if not reflink.clone_range(src_fd, 0, head, self._fd, offset):
             return False
+        if head < count:
+            tail = os.pread(src_fd, count - head, head)
+            if len(tail) < count - head:
+                raise SourceChanged(f"{what}: shrank while the layer was packed")
+            os.pwrite(self._fd, tail, offset + head)
         _hash_range(f"/proc/self/fd/{self._fd}", offset, count, self._hash)
         self._out.seek(offset + count)
         self.size += count
@@ -323,7 +335,7 @@ def _write_file(
         with open(fd, "rb", buffering=0, closefd=False) as f:
             # Shared, not copied, where the filesystem can: the clone is of one state of the file, and growth
             # since shows in the size checked below.
-            cloned = aligned and sink.clone_from(fd, size)
+            cloned = aligned and sink.clone_from(fd, size, what)
             if not cloned and st.st_blocks * 512 < size:
                 _copy_sparse(sink, f, fd, size, what)
             elif not cloned:
