@@ -11,6 +11,7 @@ import os
 import random
 import resource
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,56 +62,60 @@ def _commit(root: Path, work: Path, archive: Path) -> tuple[int, str]:
     return _written_by_children() - before, done.stderr
 
 
-@pytest.mark.parametrize("kind", ["xfs", "btrfs"])
-def test_a_large_file_is_shared_not_copied_into_the_blob_and_the_archive(kind: str, tmp_path: Path) -> None:
+@pytest.fixture(params=["xfs", "btrfs"])
+def fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A fresh filesystem that shares extents, loop-mounted for the test."""
+    kind = request.param
     reason = missing_tools(kind)
     if reason:
         pytest.skip(reason)
+    with loop_filesystem(kind, tmp_path / f"{kind}.img", tmp_path / "fs") as mounted:
+        yield mounted
+
+
+def test_a_large_file_is_shared_not_copied_into_the_blob_and_the_archive(fs: Path, tmp_path: Path) -> None:
     data = random.Random(7).randbytes(BIG)
-    with loop_filesystem(kind, tmp_path / f"{kind}.img", tmp_path / "fs") as fs:
-        root = fs / "rocker"
-        build_rocker_storage(root)
-        view = add_container(root, NAME, {MODEL: data, "srv/small.txt": b"small\n"})
-        upper_file = root / "overlay2" / container_id_for(NAME) / "diff" / MODEL
+    root = fs / "rocker"
+    build_rocker_storage(root)
+    view = add_container(root, NAME, {MODEL: data, "srv/small.txt": b"small\n"})
+    upper_file = root / "overlay2" / container_id_for(NAME) / "diff" / MODEL
 
-        # Cache and archive on the same filesystem: shared.
-        cloned_written, _ = _commit(root, fs / "work", fs / "model.tar")
-        # The same storage, cache and archive on the test's own filesystem: copied (the kernel refuses EXDEV).
-        copied_written, _ = _commit(root, tmp_path / "copy", tmp_path / "copy.tar")
+    # Cache and archive on the same filesystem: shared.
+    cloned_written, _ = _commit(root, fs / "work", fs / "model.tar")
+    # The same storage, cache and archive on the test's own filesystem: copied (the kernel refuses EXDEV).
+    copied_written, _ = _commit(root, tmp_path / "copy", tmp_path / "copy.tar")
 
-        manifest = read_archive_manifest(fs / "model.tar")
-        assert manifest["Layers"] == read_archive_manifest(tmp_path / "copy.tar")["Layers"]
-        upper_blob = manifest["Layers"][-1]  # blobs/sha256/<hex>: the container's own layer
-        outer, outer_size = _member_offsets(fs / "model.tar")[upper_blob]
-        # The blob as the cache holds it: a file of its own (btrfs), or its member of the archive, which was
-        # assembled in place (XFS collapses ranges: store.pack) and is the same file as the cache's pack.
-        blob = _cached_blob(fs / "work" / "cache", upper_blob, outer_size)
-        copy_blob = _cached_blob(tmp_path / "copy" / "cache", upper_blob, outer_size)
-        digest = upper_blob.rsplit("/", 1)[1]
-        assert hashlib.sha256(_read(blob)).hexdigest() == digest  # the digest is of what the blob holds
-        assert _read(blob) == _read(copy_blob)  # byte-identical on both paths
+    manifest = read_archive_manifest(fs / "model.tar")
+    assert manifest["Layers"] == read_archive_manifest(tmp_path / "copy.tar")["Layers"]
+    upper_blob = manifest["Layers"][-1]  # blobs/sha256/<hex>: the container's own layer
+    outer, outer_size = _member_offsets(fs / "model.tar")[upper_blob]
+    # The blob as the cache holds it: a file of its own (btrfs), or its member of the archive, which was
+    # assembled in place (XFS collapses ranges: store.pack) and is the same file as the cache's pack.
+    blob = _cached_blob(fs / "work" / "cache", upper_blob, outer_size)
+    copy_blob = _cached_blob(tmp_path / "copy" / "cache", upper_blob, outer_size)
+    digest = upper_blob.rsplit("/", 1)[1]
+    assert hashlib.sha256(_read(blob)).hexdigest() == digest  # the digest is of what the blob holds
+    assert _read(blob) == _read(copy_blob)  # byte-identical on both paths
 
-        # The model's data starts on a block boundary of the layer tar, and shares the container file's blocks.
-        with tarfile.open(fileobj=io.BytesIO(_read(blob))) as inner:
-            model = inner.getmember(MODEL)
-        offset, size = model.offset_data, model.size
-        assert size == BIG and offset % ALIGNMENT == 0
-        source = physical_blocks(upper_file, 0, BIG)
-        assert -1 not in source and physical_blocks(blob.path, blob.offset + offset, BIG) == source
-        assert shared(upper_file) and shared(blob.path)
-        # The blob's data shares the archive's (all but its last, partial block, which the archive's next member
-        # was written into: that block was copied on write); in place, it is the archive's own.
-        assert outer % ALIGNMENT == 0 and outer_size == blob.size
-        assert physical_blocks(fs / "model.tar", outer, outer_size) == physical_blocks(
-            blob.path, blob.offset, outer_size
-        )
+    # The model's data starts on a block boundary of the layer tar, and shares the container file's blocks.
+    with tarfile.open(fileobj=io.BytesIO(_read(blob))) as inner:
+        model = inner.getmember(MODEL)
+    offset, size = model.offset_data, model.size
+    assert size == BIG and offset % ALIGNMENT == 0
+    source = physical_blocks(upper_file, 0, BIG)
+    assert -1 not in source and physical_blocks(blob.path, blob.offset + offset, BIG) == source
+    assert shared(upper_file) and shared(blob.path)
+    # The blob's data shares the archive's (all but its last, partial block, which the archive's next member
+    # was written into: that block was copied on write); in place, it is the archive's own.
+    assert outer % ALIGNMENT == 0 and outer_size == blob.size
+    assert physical_blocks(fs / "model.tar", outer, outer_size) == physical_blocks(blob.path, blob.offset, outer_size)
 
-        # The model was written once on the test's own filesystem (ext4: into the archive, assembled in place), and
-        # almost not at all where it was shared.
-        assert BIG < copied_written < 1.5 * BIG, copied_written
-        assert cloned_written < BIG // 10, cloned_written
+    # The model was written once on the test's own filesystem (ext4: into the archive, assembled in place), and
+    # almost not at all where it was shared.
+    assert BIG < copied_written < 1.5 * BIG, copied_written
+    assert cloned_written < BIG // 10, cloned_written
 
-        check_image_archive(fs / "model.tar", view, tmp_path / "check", ref="model:1")
+    check_image_archive(fs / "model.tar", view, tmp_path / "check", ref="model:1")
 
 
 def test_only_files_of_the_threshold_are_aligned_on_any_filesystem(tmp_path: Path) -> None:
@@ -135,31 +140,26 @@ def test_only_files_of_the_threshold_are_aligned_on_any_filesystem(tmp_path: Pat
     assert large >= 1  # the sample holds one, so the rule was exercised
 
 
-@pytest.mark.parametrize("kind", ["xfs", "btrfs"])
-def test_a_file_is_shared_into_a_pack_that_already_holds_a_later_layer(kind: str, tmp_path: Path) -> None:
+def test_a_file_is_shared_into_a_pack_that_already_holds_a_later_layer(fs: Path) -> None:
     """With two workers, a later slot of the commit's pack (store.pack) may be written before an earlier one: the
     kernel refuses to clone a range ending mid-block short of the file's end, so the whole blocks are shared and
     only the last partial one copied; the digest is still of the bytes the pack holds."""
-    reason = missing_tools(kind)
-    if reason:
-        pytest.skip(reason)
     data = random.Random(11).randbytes(BIG)
-    with loop_filesystem(kind, tmp_path / f"{kind}.img", tmp_path / "fs") as fs:
-        source = fs / "model.bin"
-        source.write_bytes(data)
-        with open(fs / "pack.tar", "w+b") as pack:
-            os.pwrite(pack.fileno(), b"a later layer", 1 << 30)  # its slot, beyond this one: the pack's end
-            pack.write(b"h" * ALIGNMENT)  # this layer's first header
-            sink = HashingSink(pack)
-            sink.write(b"h" * ALIGNMENT)
-            with open(source, "rb") as src:
-                assert sink.clone_from(src.fileno(), BIG, str(source))
-            record = sink.record()
-        assert record.size == ALIGNMENT + BIG
-        assert record.diff_id == "sha256:" + hashlib.sha256(b"h" * ALIGNMENT + data).hexdigest()
-        with open(fs / "pack.tar", "rb") as f:
-            f.seek(2 * ALIGNMENT)
-            assert f.read(BIG) == data
-        whole = BIG - BIG % ALIGNMENT
-        assert -1 not in physical_blocks(source, 0, whole)
-        assert physical_blocks(fs / "pack.tar", 2 * ALIGNMENT, whole) == physical_blocks(source, 0, whole)
+    source = fs / "model.bin"
+    source.write_bytes(data)
+    with open(fs / "pack.tar", "w+b") as pack:
+        os.pwrite(pack.fileno(), b"a later layer", 1 << 30)  # its slot, beyond this one: the pack's end
+        pack.write(b"h" * ALIGNMENT)  # this layer's first header
+        sink = HashingSink(pack)
+        sink.write(b"h" * ALIGNMENT)
+        with open(source, "rb") as src:
+            assert sink.clone_from(src.fileno(), BIG, str(source))
+        record = sink.record()
+    assert record.size == ALIGNMENT + BIG
+    assert record.diff_id == "sha256:" + hashlib.sha256(b"h" * ALIGNMENT + data).hexdigest()
+    with open(fs / "pack.tar", "rb") as f:
+        f.seek(2 * ALIGNMENT)
+        assert f.read(BIG) == data
+    whole = BIG - BIG % ALIGNMENT
+    assert -1 not in physical_blocks(source, 0, whole)
+    assert physical_blocks(fs / "pack.tar", 2 * ALIGNMENT, whole) == physical_blocks(source, 0, whole)
