@@ -87,25 +87,7 @@ def original_commit(ctx: Context, out: Path, log: Path) -> Usage:
 
 def ours_commit(ctx: Context, out: Path, log: Path, cache: Path) -> Usage:
     usage = Usage()
-    argv = [
-        str(ctx.luigi),
-        "--module",
-        "pipeline",
-        "CommitImage",
-        "--id",
-        CONTAINER_ID,
-        "--image",
-        "bench/ours:latest",
-        "--output",
-        str(out),
-        "--storage-root",
-        str(ctx.root),
-        "--commit-output-dir",
-        str(ctx.run_dir / "images"),
-        "--commit-cache-dir",
-        str(cache),
-        "--local-scheduler",
-    ]
+    argv = common.commit_argv(ctx.luigi, CONTAINER_ID, out, ctx.root, ctx.run_dir / "images", cache)
     run_child(argv, usage, cwd=common.REPO_ROOT, log=log)
     return usage
 

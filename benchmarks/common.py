@@ -299,6 +299,19 @@ def run_child(
     return out
 
 
+def commit_argv(
+    luigi: Path, container: str, out: Path, root: Path, output_dir: Path, cache: Path, *extra: str
+) -> list[str]:
+    """`luigi --module pipeline CommitImage` of container in the storage at root into the archive out (image
+    bench/ours:latest), with its output and cache dirs, the scheduler in-process; extra flags (--storage-engine)
+    before those."""
+    return [
+        *(str(luigi), "--module", "pipeline", "CommitImage", "--id", container, "--image", "bench/ours:latest"),
+        *("--output", str(out), *extra, "--storage-root", str(root)),
+        *("--commit-output-dir", str(output_dir), "--commit-cache-dir", str(cache), "--local-scheduler"),
+    ]
+
+
 def find_luigi(tools: tuple[str, ...]) -> Path | None:
     """The venv's luigi once every tool is on PATH; None, after an error line, when something is missing. The
     package's bytecode is compiled first, as a pip install does (the editable one here has none, and with

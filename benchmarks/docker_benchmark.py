@@ -258,27 +258,9 @@ def docker_cleanup(ctx: Context, out: Path) -> None:
 
 def ours_commit(ctx: Context, out: Path, log: Path, usage: Usage, cache: Path) -> None:
     """CommitImage from dockerd's storage, as tests/test_docker_engine.py runs it."""
-    argv = [
-        str(ctx.luigi),
-        "--module",
-        "pipeline",
-        "CommitImage",
-        "--id",
-        ctx.prepared.container,
-        "--image",
-        "bench/ours:latest",
-        "--output",
-        str(out),
-        "--storage-engine",
-        "docker",
-        "--storage-root",
-        str(ctx.d.root),
-        "--commit-output-dir",
-        str(ctx.run_dir / "images"),
-        "--commit-cache-dir",
-        str(cache),
-        "--local-scheduler",
-    ]
+    argv = common.commit_argv(
+        ctx.luigi, ctx.prepared.container, out, ctx.d.root, ctx.run_dir / "images", cache, "--storage-engine", "docker"
+    )
     run_child(argv, usage, cwd=common.REPO_ROOT, log=log)
 
 

@@ -47,9 +47,11 @@ def update(key: str, label: str, done: int, total: int, *, verb: str = "packed")
     now = time.monotonic()
     line = _lines.setdefault(key, _Line(label, verb, now))
     line.done, line.total = done, max(total, done)
-    if now - line.drawn < _INTERVAL or not _hold():
+    if now - line.drawn < _INTERVAL:
         return
-    line.drawn = now
+    line.drawn = now  # a try as well as a draw: a process that another one keeps off the line tries 5 times a second
+    if not _hold():
+        return
     rate = done / max(now - line.started, 1e-3)
     left = _duration((line.total - done) / rate) if rate > 0 else "-:--"  # nothing done yet: no rate to go by
     _draw(f"{label}: {done / MIB:.1f} of {line.total / MIB:.1f} MiB {verb}, {rate / MIB:.1f} MiB/s, {left} left")
